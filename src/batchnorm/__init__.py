@@ -1,0 +1,30 @@
+"""batchnorm: exact, fast batch normalization for PyTorch (Ioffe & Szegedy 2015)."""
+
+from . import functional, ops
+from .layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
+from .stats import ExactEstimator, PaperEstimator, population_statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "ExactEstimator",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "PaperEstimator",
+    "functional",
+    "ops",
+    "population_statistics",
+]

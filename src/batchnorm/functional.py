@@ -1,0 +1,118 @@
+"""Stateless batch normalization with torch's signature, plus the channel axis.
+
+    batch_norm(input, running_mean, running_var, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, axis=1)
+
+Training (Algorithm 1), per channel c over the m values of the batch:
+
+    mu   = (1/m) sum x_i
+    var  = (1/m) sum (x_i - mu)^2                      biased: used to normalize
+    y_i  = gamma * (x_i - mu) / sqrt(var + eps) + beta
+    running_mean = (1 - momentum) * running_mean + momentum * mu
+    running_var  = (1 - momentum) * running_var  + momentum * var * m/(m-1)   unbiased
+
+Evaluation: y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
+
+``momentum`` is the weight of the new batch (torch's convention, 0.1); Keras and
+Flax call ``1 - momentum`` their momentum (0.99). ``momentum=None`` gives the
+cumulative average, factor 1/num_batches_tracked, and needs ``num_batches_tracked``.
+``axis`` is the channel axis: 1 as in torch, -1 for (N, ..., C) data as Keras lays it out.
+
+Where this differs from torch, on purpose:
+- a training batch with NaN or infinite values leaves running_mean, running_var and
+  num_batches_tracked unchanged, with a RuntimeWarning on the CPU (torch writes NaN
+  into them and every later evaluation is NaN);
+- an empty batch leaves them unchanged too, num_batches_tracked included;
+- bad arguments raise errors that name the argument, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+Tensor = torch.Tensor
+
+__all__ = ["batch_norm", "check_input", "check_options"]
+
+
+def check_options(momentum: float | None, eps: float) -> None:
+    if momentum is not None and not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1] or None, got momentum={momentum!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got eps={eps!r}")
+
+
+def check_input(input: Tensor, axis: int) -> int:
+    """Check dtype, rank 2 to 5 and the axis; return the axis as a non-negative index."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"input must have a floating-point dtype (float16, bfloat16, float32 or float64), "
+            f"got input.dtype={input.dtype}"
+        )
+    if not 2 <= input.dim() <= 5:
+        raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -input.dim() <= axis < input.dim():
+        raise ValueError(
+            f"axis must be in [{-input.dim()}, {input.dim() - 1}] for {input.dim()}D input, got axis={axis!r}"
+        )
+    return axis % input.dim()
+
+
+def _check_channel_tensor(name: str, tensor: Tensor | None, channels: int) -> None:
+    # torch's wording for the same check
+    if tensor is not None and tensor.numel() != channels:
+        raise ValueError(f"{name} should contain {channels} elements not {tensor.numel()}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    *,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """Batch normalization over every axis but ``axis`` (see the module docstring).
+
+    With ``training=True`` the batch statistics normalize, and the running buffers,
+    when given, are updated in place. With ``training=False`` the running buffers
+    normalize; they must be given.
+    """
+    axis = check_input(input, axis)
+    check_options(momentum, eps)
+    channels = input.shape[axis]
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_tensor(name, tensor, channels)
+    _check_channel_tensor("weight", weight, channels)
+    _check_channel_tensor("bias", bias, channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+
+    if not training:
+        if running_mean is None:
+            raise ValueError("running_mean and running_var are needed when training=False")
+        return ops.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
+
+    count = input.numel() // channels if channels else 0
+    if count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}; "
+            "use eval mode (model.eval()), a batch with more than one value per channel, "
+            "or a normalization that does not depend on the batch (LayerNorm, GroupNorm)"
+        )
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    output, mean, _invstd, var = ops.forward_train(input, weight, bias, eps, axis)
+    if running_mean is not None and count > 1:
+        factor = -1.0 if momentum is None else float(momentum)
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, factor)
+    return output

@@ -1,0 +1,312 @@
+"""CPU kernels for batch normalization, written with Numba.
+
+Every kernel sees its data as a dense 3-D array ``(A, C, B)`` laid out in memory
+as C order: ``A`` is the product of the dimensions outside the channel axis (in
+memory order), ``C`` the channels, ``B`` the product of the dimensions inside it.
+A contiguous NCHW tensor is ``(N, C, H*W)``; a channels_last tensor is
+``(N*H*W, C, 1)``, which the ``_rows`` kernels take as a 2-D ``(A, C)`` array
+and split into ``threads`` chunks of rows.
+No layout is copied to suit a kernel.
+
+Statistics accumulate in float64 around a per-channel shift ``K`` (the
+channel's first value), so that
+
+    var = (1/m) sum (x - K)^2 - ((1/m) sum (x - K))^2
+
+keeps its precision when the mean is large against the standard deviation,
+where the naive ``E[x^2] - E[x]^2`` in the input precision loses it.
+
+``fastmath`` allows reassociation (so that the reductions vectorize) but not
+``nnan``/``ninf``: a NaN in the input must reach the statistics, where
+``update_running_stats`` sees it and refuses the update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf (see above).
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_parallel = dict(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+_serial = dict(fastmath=FASTMATH, cache=True, nogil=True)
+
+
+@njit(**_serial)
+def _finish_stats(shift, total, total_sq, m, eps):
+    """mean, biased var and 1/sqrt(var + eps) from shifted float64 sums."""
+    mean_shifted = total / m
+    var = max(total_sq / m - mean_shifted * mean_shifted, 0.0)
+    return shift + mean_shifted, var, 1.0 / math.sqrt(var + eps)
+
+
+# ---------------------------------------------------------------- forward, train
+
+
+@njit(**_parallel)
+def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_out):
+    """Algorithm 1 on (A, C, B) data, one channel per task.
+
+    Each channel is reduced and then normalized while its values are still in
+    cache: mu = mean(x), var = mean((x - mu)^2), y = (x - mu) * gamma/sqrt(var + eps) + beta.
+    """
+    A, C, B = x.shape
+    m = A * B
+    scale = np.empty_like(mean_out)
+    for c in prange(C):
+        shift = np.float64(x[0, c, 0])
+        total = 0.0
+        total_sq = 0.0
+        for a in range(A):
+            for b in range(B):
+                d = np.float64(x[a, c, b]) - shift
+                total += d
+                total_sq += d * d
+        mean, var, invstd = _finish_stats(shift, total, total_sq, m, eps)
+        mean_out[c] = mean
+        var_out[c] = var
+        invstd_out[c] = invstd
+        scale[c] = weight[c] * invstd
+        mu = mean_out[c]
+        s = scale[c]
+        beta = bias[c]
+        for a in range(A):
+            for b in range(B):
+                y[a, c, b] = (x[a, c, b] - mu) * s + beta
+
+
+@njit(**_parallel)
+def _channel_sums_rows(x, shift, other, threads):
+    """Per-chunk float64 sums over the rows of (A, C) data, vectorized over C.
+
+    With ``other`` None: sum(x - shift) and sum((x - shift)^2).
+    With ``other`` given: sum(other) and sum(other * (x - shift)).
+    Returns two (chunks, C) arrays; the caller adds the chunks.
+    """
+    A, C = x.shape
+    chunks = min(threads, A)
+    first = np.zeros((chunks, C))
+    second = np.zeros((chunks, C))
+    for t in prange(chunks):
+        lo = t * A // chunks
+        hi = (t + 1) * A // chunks
+        f = first[t]
+        s = second[t]
+        for a in range(lo, hi):
+            for c in range(C):
+                d = np.float64(x[a, c]) - shift[c]
+                if other is None:
+                    f[c] += d
+                    s[c] += d * d
+                else:
+                    g = np.float64(other[a, c])
+                    f[c] += g
+                    s[c] += g * d
+    return first, second
+
+
+@njit(**_parallel)
+def _affine_rows(x, scale, offset, y, threads):
+    """y = x * scale + offset per channel, on (A, C) data, rows in parallel."""
+    A, C = x.shape
+    chunks = min(threads, A)
+    for t in prange(chunks):
+        for a in range(t * A // chunks, (t + 1) * A // chunks):
+            for c in range(C):
+                y[a, c] = x[a, c] * scale[c] + offset[c]
+
+
+@njit(**_parallel)
+def _centered_affine_rows(x, mean, scale, offset, y, threads):
+    """y = (x - mean) * scale + offset per channel, on (A, C) data."""
+    A, C = x.shape
+    chunks = min(threads, A)
+    for t in prange(chunks):
+        for a in range(t * A // chunks, (t + 1) * A // chunks):
+            for c in range(C):
+                y[a, c] = (x[a, c] - mean[c]) * scale[c] + offset[c]
+
+
+@njit(**_serial)
+def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads):
+    """Algorithm 1 on (A, C) data (channels last): sums over row chunks, then the map."""
+    A, C = x.shape
+    shift = np.empty(C)
+    for c in range(C):
+        shift[c] = x[0, c]
+    first, second = _channel_sums_rows(x, shift, None, threads)
+    scale = np.empty_like(mean_out)
+    for c in range(C):
+        mean, var, invstd = _finish_stats(shift[c], first[:, c].sum(), second[:, c].sum(), A, eps)
+        mean_out[c] = mean
+        var_out[c] = var
+        invstd_out[c] = invstd
+        scale[c] = weight[c] * invstd
+    _centered_affine_rows(x, mean_out, scale, bias, y, threads)
+
+
+# ----------------------------------------------------------------- forward, eval
+
+
+@njit(**_serial)
+def _eval_affine(running_mean, running_var, weight, bias, eps, dtype_like):
+    """Inference as one affine map: scale = gamma/sqrt(Var+eps), offset = beta - E[x]*scale."""
+    C = running_mean.shape[0]
+    scale = np.empty(C, dtype_like.dtype)
+    offset = np.empty(C, dtype_like.dtype)
+    for c in range(C):
+        s = weight[c] / math.sqrt(np.float64(running_var[c]) + eps)
+        scale[c] = s
+        offset[c] = bias[c] - running_mean[c] * s
+    return scale, offset
+
+
+@njit(**_parallel)
+def _affine_channels(x, scale, offset, y):
+    A, C, B = x.shape
+    for ac in prange(A * C):
+        a = ac // C
+        c = ac - a * C
+        s = scale[c]
+        o = offset[c]
+        for b in range(B):
+            y[a, c, b] = x[a, c, b] * s + o
+
+
+@njit(**_serial)
+def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y):
+    scale, offset = _eval_affine(running_mean, running_var, weight, bias, eps, y)
+    _affine_channels(x, scale, offset, y)
+
+
+@njit(**_serial)
+def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads):
+    scale, offset = _eval_affine(running_mean, running_var, weight, bias, eps, y)
+    _affine_rows(x, scale, offset, y, threads)
+
+
+# ---------------------------------------------------------------------- backward
+
+
+@njit(**_parallel)
+def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias):
+    """Gradients on (A, C, B) data, one channel per task.
+
+    sum_dy = sum dy, sum_dy_xhat = sum dy * xhat (these are dbeta and dgamma), then
+    training:  dx = gamma*invstd/m * (m*dy - sum_dy - xhat*sum_dy_xhat)
+    eval:      dx = gamma*invstd * dy      (the statistics are constants)
+    dx is skipped when it has no rows.
+    """
+    A, C, B = x.shape
+    m = A * B
+    for c in prange(C):
+        mu = np.float64(mean[c])
+        total = 0.0
+        total_x = 0.0
+        for a in range(A):
+            for b in range(B):
+                g = np.float64(dy[a, c, b])
+                total += g
+                total_x += g * (np.float64(x[a, c, b]) - mu)
+        inv = np.float64(invstd[c])
+        sum_dy_xhat = total_x * inv
+        dbias[c] = total
+        dweight[c] = sum_dy_xhat
+        if dx.shape[0] == 0:
+            continue
+        gain = np.float64(weight[c]) * inv
+        # coefficients rounded once to the data's dtype, so the loops below vectorize in it
+        coef = np.empty(4, dx.dtype)
+        coef[0] = gain
+        coef[1] = gain / m * inv * sum_dy_xhat
+        coef[2] = -gain / m * total
+        coef[3] = mu
+        a_dy = coef[0]
+        if training:
+            a_x = coef[1]
+            const = coef[2]
+            mu_x = coef[3]
+            for a in range(A):
+                for b in range(B):
+                    dx[a, c, b] = dy[a, c, b] * a_dy - (x[a, c, b] - mu_x) * a_x + const
+        else:
+            for a in range(A):
+                for b in range(B):
+                    dx[a, c, b] = dy[a, c, b] * a_dy
+
+
+@njit(**_serial)
+def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads):
+    """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
+    A, C = x.shape
+    shift = np.empty(C)
+    for c in range(C):
+        shift[c] = mean[c]
+    first, second = _channel_sums_rows(x, shift, dy, threads)
+    dy_scale = np.empty(C, dx.dtype)
+    x_scale = np.empty(C, dx.dtype)
+    const = np.empty(C, dx.dtype)
+    for c in range(C):
+        total = first[:, c].sum()
+        inv = np.float64(invstd[c])
+        sum_dy_xhat = second[:, c].sum() * inv
+        dbias[c] = total
+        dweight[c] = sum_dy_xhat
+        gain = np.float64(weight[c]) * inv
+        dy_scale[c] = gain
+        if training:
+            k = gain / A
+            x_scale[c] = -k * inv * sum_dy_xhat
+            const[c] = -k * total
+        else:
+            x_scale[c] = 0.0
+            const[c] = 0.0
+    if dx.shape[0] == 0:
+        return
+    center = np.empty(C, x.dtype)
+    for c in range(C):
+        center[c] = mean[c]
+    _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads)
+
+
+@njit(**_parallel)
+def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads):
+    """dx = dy * dy_scale + (x - center) * x_scale + const per channel, rows in parallel."""
+    A, C = x.shape
+    chunks = min(threads, A)
+    for t in prange(chunks):
+        for a in range(t * A // chunks, (t + 1) * A // chunks):
+            for c in range(C):
+                dx[a, c] = dy[a, c] * dy_scale[c] + (x[a, c] - center[c]) * x_scale[c] + const[c]
+
+
+# -------------------------------------------------------------- running statistics
+
+
+@njit(**_serial)
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum):
+    """The running averages, or nothing if the batch statistics are not finite.
+
+    running_mean = (1 - f) * running_mean + f * mu
+    running_var  = (1 - f) * running_var  + f * var * m/(m-1)      (unbiased)
+    with f = momentum, or f = 1/num_batches_tracked (cumulative) when momentum < 0.
+    num_batches_tracked (a 1-element array, or empty) counts the batches used.
+    Returns False, changing nothing, when any mean or var is NaN or infinite.
+    """
+    C = mean.shape[0]
+    for c in range(C):
+        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+            return False
+    if num_batches_tracked.shape[0] > 0:
+        num_batches_tracked[0] += 1
+    if momentum < 0.0:
+        factor = 1.0 / num_batches_tracked[0]
+    else:
+        factor = momentum
+    correction = m / (m - 1.0)
+    for c in range(C):
+        running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
+        running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * correction)
+    return True

@@ -1,0 +1,105 @@
+"""Batch normalization in plain torch ops, for every device the Numba kernels do not serve.
+
+The same semantics as the CPU kernels: statistics accumulate in float64 (float32
+on MPS, which has no float64), half-precision data is computed in float32, the
+running statistics are left alone when the batch statistics are not finite.
+Every function here is differentiable, which is what double backward uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def reduce_dims(x: Tensor, axis: int) -> tuple[int, ...]:
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+def channel_shape(x: Tensor, axis: int) -> list[int]:
+    """The shape that broadcasts a per-channel vector against ``x``."""
+    shape = [1] * x.dim()
+    shape[axis] = x.shape[axis]
+    return shape
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 are computed in float32; float32 and float64 in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def accumulate_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def batch_stats(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """mu = mean(x) and the biased var = mean((x - mu)^2) per channel, accumulated exactly."""
+    var, mean = torch.var_mean(x.to(accumulate_dtype(x)), dim=reduce_dims(x, axis), correction=0)
+    return mean, var
+
+
+def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> Tensor:
+    """y = (x - mu) * gamma * invstd + beta, computed in float32 or better, returned in x's dtype."""
+    compute = compute_dtype(x.dtype)
+    shape = channel_shape(x, axis)
+    scale = invstd if weight is None else invstd * weight
+    y = (x.to(compute) - mean.to(compute).view(shape)) * scale.to(compute).view(shape)
+    if bias is not None:
+        y = y + bias.to(compute).view(shape)
+    return y.to(x.dtype)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """The running averages (see kernels.cpu.update_running_stats), without a host sync:
+    a batch with non-finite statistics leaves everything as it was."""
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    if momentum < 0:
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+    else:
+        factor = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
+    new_mean = (1 - factor) * running_mean.to(mean.dtype) + factor * mean
+    new_var = (1 - factor) * running_var.to(var.dtype) + factor * var * (count / (count - 1))
+    running_mean.copy_(torch.where(finite, new_mean, running_mean.to(mean.dtype)))
+    running_var.copy_(torch.where(finite, new_var, running_var.to(var.dtype)))
+
+
+def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
+    """Inference with fixed statistics: y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta."""
+    invstd = torch.rsqrt(running_var.to(accumulate_dtype(x)) + eps)
+    return normalize(x, running_mean, invstd, weight, bias, axis)
+
+
+def backward(dy, x, mean, invstd, weight, training, axis):
+    """Gradients (dx, dgamma, dbeta), differentiable in every argument.
+
+    xhat = (x - mu) * invstd, dbeta = sum dy, dgamma = sum dy * xhat,
+    training: dx = gamma*invstd/m * (m*dy - sum dy - xhat * sum(dy * xhat));
+    eval: dx = gamma*invstd * dy.
+    """
+    compute = compute_dtype(x.dtype)
+    dims = reduce_dims(x, axis)
+    shape = channel_shape(x, axis)
+    dy = dy.to(compute)
+    mean = mean.to(compute).view(shape)
+    invstd = invstd.to(compute).view(shape)
+    xhat = (x.to(compute) - mean) * invstd
+    sum_dy = dy.sum(dims)
+    sum_dy_xhat = (dy * xhat).sum(dims)
+    gain = invstd if weight is None else invstd * weight.to(compute).view(shape)
+    if training:
+        count = x.numel() // x.shape[axis]
+        dx = gain / count * (count * dy - sum_dy.view(shape) - xhat * sum_dy_xhat.view(shape))
+    else:
+        dx = gain * dy
+    return dx.to(x.dtype), sum_dy_xhat, sum_dy

@@ -1,0 +1,252 @@
+"""Drop-in batch-norm modules: torch's constructors, parameters, buffers and state_dict keys.
+
+The modules hold state and choose the mode; all the arithmetic is in functional.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from . import functional as F
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
+
+_DOC = """Batch normalization over {what} (Ioffe & Szegedy 2015), a drop-in for ``torch.nn.{torch_name}``.
+
+Training, per channel c over the m values of the batch::
+
+    mu  = (1/m) sum x_i          var = (1/m) sum (x_i - mu)^2          (biased)
+    y_i = weight * (x_i - mu) / sqrt(var + eps) + bias
+    running_mean = (1 - momentum) * running_mean + momentum * mu
+    running_var  = (1 - momentum) * running_var  + momentum * var * m/(m-1)   (unbiased)
+
+``momentum`` weighs the new batch (0.1; Keras' 0.99 is ``1 - momentum``);
+``momentum=None`` is the cumulative average, factor 1/num_batches_tracked.
+Evaluation: ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias``.
+With ``track_running_stats=False`` the batch statistics are used in both modes.
+``weight`` starts at 1, ``bias`` at 0.
+
+Unlike torch, a training batch with NaN or infinite values, or an empty batch,
+leaves running_mean, running_var and num_batches_tracked unchanged (with a
+RuntimeWarning for the non-finite batch on the CPU).
+
+Args:
+    num_features: C, the size of the channel axis ({shape}).
+    eps: added to the variance for numerical stability (> 0). Default: 1e-5
+    momentum: weight of the new batch in the running averages, in [0, 1], or None. Default: 0.1
+    affine: learn ``weight`` and ``bias``. Default: True
+    track_running_stats: keep running averages for evaluation. Default: True
+"""
+
+
+def _check_constructor(num_features: int, eps: float, momentum: float | None) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive integer, got num_features={num_features!r}")
+    F.check_options(momentum, eps)
+
+
+class _BatchNorm(nn.Module):
+    """State and mode; the math lives in functional.batch_norm."""
+
+    _version = 2  # as torch: version 2 added num_batches_tracked
+    axis: int = 1
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if not isinstance(self, LazyModuleMixin):
+            _check_constructor(num_features, eps, momentum)
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        F.check_input(input, self.axis)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        axis = F.check_input(input, self.axis)
+        if input.shape[axis] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}(num_features={self.num_features}) expected input with "
+                f"{self.num_features} channels on axis {self.axis}, got {input.shape[axis]} "
+                f"(input size {tuple(input.shape)})"
+            )
+        # torch's rule: batch statistics in training, or whenever there are no running buffers
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            self.axis,
+            num_batches_tracked=self.num_batches_tracked if self.training and self.track_running_stats else None,
+        )
+
+    def extra_repr(self) -> str:
+        axis = f", axis={self.axis}" if type(self).__name__ == "BatchNorm" else ""
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}{axis}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # checkpoints from before num_batches_tracked existed (torch's migration)
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (
+                    self.num_batches_tracked
+                    if self.num_batches_tracked is not None and self.num_batches_tracked.device != torch.device("meta")
+                    else torch.tensor(0, dtype=torch.long)
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = _DOC.format(what="(N, C) or (N, C, L) input", torch_name="BatchNorm1d", shape="dim 1")
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(_BatchNorm):
+    __doc__ = _DOC.format(what="(N, C, H, W) input", torch_name="BatchNorm2d", shape="dim 1")
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(_BatchNorm):
+    __doc__ = _DOC.format(what="(N, C, D, H, W) input", torch_name="BatchNorm3d", shape="dim 1")
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+class BatchNorm(_BatchNorm):
+    __doc__ = _DOC.format(
+        what="input of rank 2 to 5 with its channels on any axis", torch_name="BatchNorm*", shape="``axis``"
+    ) + (
+        "    axis: the channel axis, negative allowed: 1 as torch lays out data, -1 for (N, ..., C)\n"
+        "        as Keras does. Default: 1\n"
+    )
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, axis: int = 1) -> None:
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -5 <= axis <= 4:
+            raise ValueError(f"axis must be an integer in [-5, 4], got axis={axis!r}")
+        self.axis = axis
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
+class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
+    """num_features is inferred from the first input, as torch's LazyBatchNorm does."""
+
+    cls_to_become = None
+
+    def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None):
+        F.check_options(momentum, eps)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__(0, eps, momentum, False, False, **factory_kwargs)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory_kwargs)
+            self.bias = UninitializedParameter(**factory_kwargs)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory_kwargs)
+            self.running_var = UninitializedBuffer(**factory_kwargs)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: Tensor) -> None:
+        if self.has_uninitialized_params():
+            self._check_input_dim(input)
+            self.num_features = input.shape[self.axis]
+            if self.affine:
+                self.weight.materialize((self.num_features,))
+                self.bias.materialize((self.num_features,))
+            if self.track_running_stats:
+                self.running_mean.materialize((self.num_features,))
+                self.running_var.materialize((self.num_features,))
+            self.reset_parameters()
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    cls_to_become = BatchNorm3d

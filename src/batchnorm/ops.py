@@ -1,0 +1,367 @@
+"""Batch normalization as four ``torch.library`` custom ops.
+
+    batchnorm::forward_train         Algorithm 1: output and batch statistics
+    batchnorm::update_running_stats  the running averages, updated in place
+    batchnorm::forward_eval          the affine map of Algorithm 2 with fixed statistics
+    batchnorm::backward              (dx, dgamma, dbeta) for either mode
+
+Each op has a default implementation in plain torch ops (kernels/reference.py,
+used on CUDA, MPS and any other device), a CPU implementation with the Numba
+kernels (kernels/cpu.py), a fake implementation for tracing, and autograd.
+torch.compile, torch.export and FX therefore see one op per call.
+
+Double backward: when the backward runs with grad mode on (create_graph=True),
+the gradient is computed with the differentiable formula of kernels/reference.py,
+the statistics recomputed from the input, so that autograd can differentiate it
+again; a plain backward uses the fast kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+import torch
+
+from .kernels import cpu, reference
+from .layout import channel_view
+
+Tensor = torch.Tensor
+
+NONFINITE_WARNING = (
+    "batch norm: the training batch has NaN or infinite values, so its statistics are "
+    "not finite; running_mean, running_var and num_batches_tracked were left unchanged "
+    "(the output of this batch is computed with its batch statistics)"
+)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _sync_threads() -> int:
+    """Give Numba torch's thread count, so that both share the same OpenMP team size.
+
+    torch sets 1 thread in DataLoader workers; following it keeps forked workers
+    from touching the parent's OpenMP pool.
+    """
+    wanted = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
+    return wanted
+
+
+def _as_compute(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int) -> Tensor:
+    """A per-channel parameter as a dense numpy-ready tensor of the compute dtype."""
+    if t is None:
+        return torch.full((channels,), fill, dtype=dtype)
+    return t.detach().to(dtype).contiguous()
+
+
+def _kernel_arrays(x: Tensor, axis: int):
+    """x in float32/float64 with dense memory, and its (A, C, B) view.
+
+    Only half-precision data (converted) and memory with gaps (copied) are not used in place.
+    """
+    x = x.detach().to(reference.compute_dtype(x.dtype))
+    view = channel_view(x, axis)
+    if view is None:
+        x = x.contiguous()
+        view = channel_view(x, axis)
+    return x, view
+
+
+def _numpy_view(view: Tensor):
+    """The (A, C, B) view as numpy; (A, C) when B == 1, which the row kernels take."""
+    if view.shape[2] == 1:
+        return view.as_strided(view.shape[:2], (view.shape[1], 1)).numpy(), False
+    return view.numpy(), True
+
+
+def _launch(channel_major: bool, channels_kernel, rows_kernel, threads: int, *args) -> None:
+    """Run the (A, C, B) kernel or the (A, C) row kernel, which splits rows over ``threads``."""
+    if channel_major:
+        channels_kernel(*args)
+    else:
+        rows_kernel(*args, threads)
+
+
+def _empty_like_view(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
+
+
+# ------------------------------------------------------------- forward, train
+
+
+@torch.library.custom_op("batchnorm::forward_train", mutates_args=())
+def forward_train(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, invstd, var) with the batch statistics (var biased)."""
+    stat = reference.compute_dtype(input.dtype)
+    mean, var = reference.batch_stats(input, axis)
+    invstd = torch.rsqrt(var + eps)
+    y = reference.normalize(input, mean, invstd, weight, bias, axis)
+    return y, mean.to(stat), invstd.to(stat), var.to(stat)
+
+
+@forward_train.register_kernel("cpu")
+def _forward_train_cpu(input, weight, bias, eps, axis):
+    channels = input.shape[axis]
+    stat = reference.compute_dtype(input.dtype)
+    if input.numel() == 0:
+        empty = torch.full((channels,), float("nan"), dtype=stat)
+        return _empty_like_view(input, input.dtype), empty, empty.clone(), empty.clone()
+    threads = _sync_threads()
+    x, view = _kernel_arrays(input, axis)
+    y = _empty_like_view(x, x.dtype)
+    mean = torch.empty(channels, dtype=stat)
+    invstd = torch.empty(channels, dtype=stat)
+    var = torch.empty(channels, dtype=stat)
+    x_np, channel_major = _numpy_view(view)
+    y_np, _ = _numpy_view(channel_view(y, axis))
+    _launch(
+        channel_major,
+        cpu.forward_train_channels,
+        cpu.forward_train_rows,
+        threads,
+        x_np,
+        _as_compute(weight, stat, 1.0, channels).numpy(),
+        _as_compute(bias, stat, 0.0, channels).numpy(),
+        float(eps),
+        y_np,
+        mean.numpy(),
+        invstd.numpy(),
+        var.numpy(),
+    )
+    if y.dtype != input.dtype:
+        y = y.to(input.dtype)
+    return y, mean, invstd, var
+
+
+@forward_train.register_fake
+def _forward_train_fake(input, weight, bias, eps, axis):
+    stat = reference.compute_dtype(input.dtype)
+    channels = input.shape[axis]
+    return (
+        torch.empty_like(input, memory_format=torch.preserve_format),
+        *(input.new_empty(channels, dtype=stat) for _ in range(3)),
+    )
+
+
+# --------------------------------------------------------- running statistics
+
+
+@torch.library.custom_op(
+    "batchnorm::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """The running averages from one batch's mean and biased var over ``count`` values.
+
+    momentum < 0 means the cumulative average (factor 1/num_batches_tracked).
+    Non-finite batch statistics change nothing (on the CPU, with a RuntimeWarning).
+    """
+    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+
+
+@update_running_stats.register_kernel("cpu")
+def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    if running_mean.dtype in (torch.float32, torch.float64) and running_var.dtype == running_mean.dtype:
+        counter = num_batches_tracked.view(1) if num_batches_tracked is not None else torch.empty(0, dtype=torch.int64)
+        updated = cpu.update_running_stats(
+            running_mean.numpy(), running_var.numpy(), counter.numpy(), mean.numpy(), var.numpy(), count, momentum
+        )
+    else:  # half-precision buffers
+        updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+        reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    if not updated:
+        warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=2)
+
+
+@update_running_stats.register_fake
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None
+
+
+# -------------------------------------------------------------- forward, eval
+
+
+@torch.library.custom_op("batchnorm::forward_eval", mutates_args=())
+def forward_eval(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor:
+    """y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
+    return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
+
+
+@forward_eval.register_kernel("cpu")
+def _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis):
+    if input.numel() == 0:
+        return _empty_like_view(input, input.dtype)
+    threads = _sync_threads()
+    channels = input.shape[axis]
+    x, view = _kernel_arrays(input, axis)
+    y = _empty_like_view(x, x.dtype)
+    x_np, channel_major = _numpy_view(view)
+    y_np, _ = _numpy_view(channel_view(y, axis))
+    stat = x.dtype
+    _launch(
+        channel_major,
+        cpu.forward_eval_channels,
+        cpu.forward_eval_rows,
+        threads,
+        x_np,
+        _as_compute(running_mean, stat, 0.0, channels).numpy(),
+        _as_compute(running_var, stat, 1.0, channels).numpy(),
+        _as_compute(weight, stat, 1.0, channels).numpy(),
+        _as_compute(bias, stat, 0.0, channels).numpy(),
+        float(eps),
+        y_np,
+    )
+    return y if y.dtype == input.dtype else y.to(input.dtype)
+
+
+@forward_eval.register_fake
+def _forward_eval_fake(input, running_mean, running_var, weight, bias, eps, axis):
+    return torch.empty_like(input, memory_format=torch.preserve_format)
+
+
+# ------------------------------------------------------------------ backward
+
+
+@torch.library.custom_op("batchnorm::backward", mutates_args=())
+def backward(
+    grad_output: Tensor,
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    training: bool,
+    axis: int,
+    input_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dgamma, dbeta); dx is an empty tensor when ``input_grad`` is False."""
+    dx, dweight, dbias = reference.backward(grad_output, input, mean, invstd, weight, training, axis)
+    stat = reference.compute_dtype(input.dtype)
+    if not input_grad:
+        dx = input.new_empty(0)
+    return dx, dweight.to(stat), dbias.to(stat)
+
+
+@backward.register_kernel("cpu")
+def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, input_grad):
+    channels = input.shape[axis]
+    stat = reference.compute_dtype(input.dtype)
+    dweight = torch.zeros(channels, dtype=stat)
+    dbias = torch.zeros(channels, dtype=stat)
+    if input.numel() == 0:
+        return (_empty_like_view(input, input.dtype) if input_grad else input.new_empty(0)), dweight, dbias
+    threads = _sync_threads()
+    x, view = _kernel_arrays(input, axis)
+    dy = grad_output.to(x.dtype)
+    if dy.stride() != x.stride():  # the kernels walk dy and x in the same order
+        dy = torch.empty_like(x).copy_(dy)
+    x_np, channel_major = _numpy_view(view)
+    dy_np, _ = _numpy_view(channel_view(dy, axis))
+    if input_grad:
+        dx = _empty_like_view(x, x.dtype)
+        dx_np, _ = _numpy_view(channel_view(dx, axis))
+    else:
+        dx = input.new_empty(0)
+        dx_np = x_np[:0]
+    _launch(
+        channel_major,
+        cpu.backward_channels,
+        cpu.backward_rows,
+        threads,
+        dy_np,
+        x_np,
+        mean.to(stat).numpy(),
+        invstd.to(stat).numpy(),
+        _as_compute(weight, stat, 1.0, channels).numpy(),
+        bool(training),
+        dx_np,
+        dweight.numpy(),
+        dbias.numpy(),
+    )
+    if input_grad and dx.dtype != input.dtype:
+        dx = dx.to(input.dtype)
+    return dx, dweight, dbias
+
+
+@backward.register_fake
+def _backward_fake(grad_output, input, mean, invstd, weight, training, axis, input_grad):
+    stat = reference.compute_dtype(input.dtype)
+    channels = input.shape[axis]
+    dx = torch.empty_like(input, memory_format=torch.preserve_format) if input_grad else input.new_empty(0)
+    return dx, input.new_empty(channels, dtype=stat), input.new_empty(channels, dtype=stat)
+
+
+# ------------------------------------------------------------------ autograd
+
+
+def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training):
+    """Fast kernel for a plain backward; the differentiable formula under create_graph.
+
+    ``needs`` says which of (input, weight, bias) want a gradient.
+    """
+    needs_input, needs_weight, needs_bias = needs
+    if torch.is_grad_enabled():
+        if training:  # the statistics are functions of the input
+            batch_mean, batch_var = reference.batch_stats(input, ctx.axis)
+            invstd = torch.rsqrt(batch_var + ctx.eps)
+            mean = batch_mean
+        dx, dweight, dbias = reference.backward(grad_output, input, mean, invstd, weight, training, ctx.axis)
+    else:
+        dx, dweight, dbias = backward(grad_output, input, mean, invstd, weight, training, ctx.axis, needs_input)
+    grad_weight = dweight.to(weight.dtype) if needs_weight and weight is not None else None
+    grad_bias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if needs_bias else None
+    return (dx if needs_input else None), grad_weight, grad_bias
+
+
+def _setup_forward_train(ctx, inputs, output):
+    input, weight, _bias, eps, axis = inputs
+    _y, mean, invstd, _var = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.eps, ctx.axis = eps, axis
+
+
+def _backward_forward_train(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
+    input, weight, mean, invstd = ctx.saved_tensors
+    dx, dweight, dbias = _gradients(ctx, ctx.needs_input_grad[:3], grad_output, input, mean, invstd, weight, True)
+    return dx, dweight, dbias, None, None
+
+
+def _setup_forward_eval(ctx, inputs, output):
+    input, running_mean, running_var, weight, _bias, eps, axis = inputs
+    ctx.save_for_backward(input, running_mean, running_var, weight)
+    ctx.eps, ctx.axis = eps, axis
+
+
+def _backward_forward_eval(ctx, grad_output):
+    input, running_mean, running_var, weight = ctx.saved_tensors
+    invstd = torch.rsqrt(running_var.to(reference.compute_dtype(input.dtype)) + ctx.eps)
+    dx, dweight, dbias = _gradients(
+        ctx, (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]), grad_output, input, running_mean, invstd, weight, False
+    )
+    return dx, None, None, dweight, dbias, None, None
+
+
+torch.library.register_autograd(
+    "batchnorm::forward_train", _backward_forward_train, setup_context=_setup_forward_train
+)
+torch.library.register_autograd("batchnorm::forward_eval", _backward_forward_eval, setup_context=_setup_forward_eval)

@@ -1,0 +1,173 @@
+"""Population statistics (Algorithm 2): running statistics recomputed from a pass over data.
+
+After training, the weights are fixed and every batch-norm layer's ``running_mean``
+and ``running_var`` are replaced by statistics of its inputs over many training
+batches, instead of the moving averages kept during training. Two estimators:
+
+    paper  E[x]   = mean of the batch means,
+           Var[x] = mean of the unbiased batch variances  var_b * m_b/(m_b - 1)
+    exact  the mean and unbiased variance of all the values seen, merged batch by
+           batch with Chan's formula in float64; independent of how the data is split
+
+Each batch is weighted by its number of values per channel m_b. Works on this
+project's layers and on torch's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .kernels.reference import batch_stats
+from .layers import _BatchNorm
+
+Tensor = torch.Tensor
+
+__all__ = ["ExactEstimator", "PaperEstimator", "population_statistics", "batch_norm_layers"]
+
+
+class PaperEstimator:
+    """E[x] = sum m_b mu_b / sum m_b;  Var[x] = sum m_b var_b m_b/(m_b-1) / sum m_b."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.weighted_mean: Tensor | float = 0.0
+        self.weighted_var: Tensor | float = 0.0
+
+    def update(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """One batch: its per-channel mean, biased variance and values per channel."""
+        self.count += count
+        self.weighted_mean = self.weighted_mean + count * mean
+        self.weighted_var = self.weighted_var + count * var * (count / (count - 1))
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.weighted_mean / self.count, self.weighted_var / self.count
+
+
+class ExactEstimator:
+    """Mean and unbiased variance of every value seen (Chan, Golub & LeVeque's merge).
+
+    With n values so far (mean M, sum of squared deviations S) and a batch of m
+    (mean mu, biased var v): delta = mu - M, n' = n + m,
+    M' = M + delta * m/n',  S' = S + m*v + delta^2 * n*m/n'.  Var = S/(n-1).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | float = 0.0
+        self.sum_sq: Tensor | float = 0.0
+
+    def update(self, mean: Tensor, var: Tensor, count: int) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.sum_sq = self.sum_sq + count * var + delta * delta * (self.count * count / total)
+        self.count = total
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.mean, self.sum_sq / (self.count - 1)
+
+
+ESTIMATORS = {"paper": PaperEstimator, "exact": ExactEstimator}
+
+
+def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every batch-norm layer with running statistics, this project's and torch's."""
+    kinds = (_BatchNorm, nn.modules.batchnorm._BatchNorm)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and module.track_running_stats
+    ]
+
+
+def _first_tensor(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def population_statistics(
+    model: nn.Module,
+    batches: Iterable,
+    estimator: str = "exact",
+    max_batches: int | None = None,
+    progress: bool = False,
+    forward: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, int]:
+    """Replace every batch-norm layer's running statistics by population statistics.
+
+    The model runs in training mode (each layer normalizes with its batch
+    statistics, as in training) over ``batches``, at most ``max_batches`` of them;
+    each layer's inputs are reduced in float64 by the chosen estimator ("paper" or
+    "exact", see the module docstring). Afterwards the running_mean and running_var
+    of each layer that saw data hold the estimate; num_batches_tracked, momentum,
+    the weights and every module's train/eval mode are as they were.
+
+    ``forward(model, batch)`` runs one batch; by default ``model(batch)``, or
+    ``model(batch[0])`` for a tuple or list (inputs, targets).
+    Returns the number of values per channel each layer saw, by layer name.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got estimator={estimator!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive integer or None, got max_batches={max_batches!r}")
+    layers = batch_norm_layers(model)
+    run = forward or (lambda module, batch: module(_first_tensor(batch)))
+    modes = {module: module.training for module in model.modules()}
+    saved = {
+        name: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+        for name, layer in layers
+    }
+    estimates = {name: ESTIMATORS[estimator]() for name, _ in layers}
+
+    def recorder(name: str):
+        def hook(layer: nn.Module, args) -> None:
+            input = args[0]
+            axis = getattr(layer, "axis", 1) % input.dim()
+            count = input.numel() // input.shape[axis]
+            if count > 1:
+                mean, var = batch_stats(input.detach(), axis)
+                estimates[name].update(mean, var, count)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers]
+    try:
+        model.train()
+        total = max_batches if max_batches is not None else _length(batches)
+        for index, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="population statistics")):
+            if max_batches is not None and index >= max_batches:
+                break
+            run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+        for name, layer in layers:
+            running_mean, running_var, num_batches_tracked = saved[name]
+            layer.running_mean.copy_(running_mean)
+            layer.running_var.copy_(running_var)
+            layer.num_batches_tracked.copy_(num_batches_tracked)
+
+    counts = {}
+    for name, layer in layers:
+        counts[name] = estimates[name].count
+        if estimates[name].count < 2:
+            warnings.warn(f"population_statistics: layer {name!r} saw no batch; its running statistics are unchanged")
+            continue
+        mean, var = estimates[name].result()
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
+    return counts
+
+
+def _length(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None

@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import batchnorm  # noqa: E402
+
+SHAPES = {2: (16, 5), 3: (8, 5, 7), 4: (4, 5, 6, 3), 5: (3, 5, 2, 4, 3)}
+OURS = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}
+TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+LAYOUTS = {
+    2: [torch.contiguous_format],
+    3: [torch.contiguous_format],
+    4: [torch.contiguous_format, torch.channels_last],
+    5: [torch.contiguous_format, torch.channels_last_3d],
+}
+
+
+def tolerance(dtype):
+    return {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}.get(
+        dtype, dict(rtol=2e-2, atol=2e-2)
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,158 @@
+"""This project's layers against torch.nn.BatchNorm*: outputs, gradients, running statistics."""
+
+import itertools
+from collections import OrderedDict
+
+import oracle
+import pytest
+import torch
+from conftest import LAYOUTS, OURS, SHAPES, TORCH, tolerance
+
+CASES = [
+    (rank, layout, dtype)
+    for rank in SHAPES
+    for layout in LAYOUTS[rank]
+    for dtype in (torch.float32, torch.float64)
+]
+
+
+def twins(rank, dtype, **kwargs):
+    ours = OURS[rank](5, **kwargs).to(dtype)
+    theirs = TORCH[rank](5, **kwargs).to(dtype)
+    if ours.affine:
+        with torch.no_grad():
+            ours.weight.copy_(torch.rand(5) + 0.5)
+            ours.bias.copy_(torch.randn(5))
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def step(module, x, grad):
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(grad)
+    params = [p.grad.clone() for p in module.parameters()]
+    for p in module.parameters():
+        p.grad = None
+    return y.detach(), x.grad, params
+
+
+def assert_same(ours, theirs, x, grad, tol):
+    y1, dx1, dp1 = step(ours, x, grad)
+    y2, dx2, dp2 = step(theirs, x, grad)
+    torch.testing.assert_close(y1, y2, **tol)
+    assert y1.stride() == x.stride(), "output must keep the input's memory format"
+    torch.testing.assert_close(dx1, dx2, **tol)
+    for a, b in zip(dp1, dp2, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    for name, buffer in theirs.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, **tol)
+
+
+@pytest.mark.parametrize("rank,layout,dtype", CASES)
+@pytest.mark.parametrize(
+    "affine,track,momentum", list(itertools.product([True, False], [True, False], [0.1, None]))
+)
+def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum):
+    ours, theirs = twins(rank, dtype, affine=affine, track_running_stats=track, momentum=momentum)
+    tol = tolerance(dtype)
+    for mode in ("train", "train", "train", "eval", "train"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = (torch.randn(SHAPES[rank], dtype=dtype) * 3 + 2).contiguous(memory_format=layout)
+        grad = torch.randn(SHAPES[rank], dtype=dtype)
+        assert_same(ours, theirs, x, grad, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_input_computed_in_float32(dtype, layout):
+    """float32 parameters and statistics with half-precision data, as under autocast."""
+    ours, theirs = twins(4, torch.float32)
+    x = torch.randn(8, 5, 4, 4).to(dtype).contiguous(memory_format=layout)
+    grad = torch.randn(8, 5, 4, 4).to(dtype)
+    y1, dx1, dp1 = step(ours, x, grad)
+    y2, dx2, dp2 = step(theirs, x, grad)
+    assert y1.dtype == dtype and dx1.dtype == dtype
+    assert y1.stride() == x.stride()
+    torch.testing.assert_close(y1, y2, **tolerance(dtype))
+    torch.testing.assert_close(dx1, dx2, **tolerance(dtype))
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    # parameter gradients: torch's half-precision CPU path rounds its sums more than
+    # float32 accumulation does, so these are held to the float64 oracle instead
+    _, dweight, dbias = oracle.train_backward(grad, x, ours.weight)
+    torch.testing.assert_close(dp1[0].double(), dweight, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dp1[1].double(), dbias, rtol=1e-5, atol=1e-4)
+    for a, b in zip(dp1, dp2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-2)
+
+
+def test_state_dict_round_trip_both_ways():
+    ours, theirs = twins(4, torch.float32)
+    for _ in range(3):
+        theirs(torch.randn(4, 5, 3, 3))
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+    ]
+    ours.load_state_dict(theirs.state_dict())
+    back = TORCH[4](5)
+    back.load_state_dict(ours.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    assert ours.num_batches_tracked.item() == 3
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    ours = OURS[4](5)
+    state = OrderedDict((k, v) for k, v in TORCH[4](5).state_dict().items() if k != "num_batches_tracked")
+    state._metadata = {"": {"version": 1}}  # as saved before torch added the counter
+    ours.load_state_dict(state)
+    assert ours.num_batches_tracked.item() == 0
+
+
+def test_drop_in_inside_a_model():
+    """Replace torch's layers in a small CNN: same outputs and gradients."""
+    import batchnorm
+
+    def model(bn):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3), bn(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3), bn(4), torch.nn.Flatten()
+        )
+
+    ours, theirs = model(batchnorm.BatchNorm2d), model(torch.nn.BatchNorm2d)
+    x = torch.randn(6, 3, 10, 10)
+    out1, out2 = ours(x), theirs(x)
+    torch.testing.assert_close(out1, out2, rtol=1e-4, atol=1e-5)
+    out1.square().sum().backward()
+    out2.square().sum().backward()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_lazy_modules_infer_num_features():
+    import batchnorm
+
+    for rank, lazy, final in [(3, batchnorm.LazyBatchNorm1d, batchnorm.BatchNorm1d),
+                              (4, batchnorm.LazyBatchNorm2d, batchnorm.BatchNorm2d),
+                              (5, batchnorm.LazyBatchNorm3d, batchnorm.BatchNorm3d)]:
+        module = lazy()
+        x = torch.randn(SHAPES[rank])
+        y = module(x)
+        assert type(module) is final and module.num_features == 5
+        reference = TORCH[rank](5)
+        torch.testing.assert_close(y, reference(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(module.running_var, reference.running_var)
+
+
+def test_repr_and_resets():
+    import batchnorm
+
+    module = batchnorm.BatchNorm(7, axis=-1, momentum=None)
+    assert repr(module) == "BatchNorm(7, eps=1e-05, momentum=None, affine=True, track_running_stats=True, axis=-1)"
+    assert repr(batchnorm.BatchNorm2d(3)) == repr(torch.nn.BatchNorm2d(3))
+    module(torch.randn(4, 3, 7) * 5 + 1)
+    assert module.num_batches_tracked.item() == 1
+    module.reset_running_stats()
+    assert module.num_batches_tracked.item() == 0
+    assert torch.equal(module.running_mean, torch.zeros(7)) and torch.equal(module.running_var, torch.ones(7))
