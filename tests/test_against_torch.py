@@ -149,10 +149,22 @@ def test_repr_and_resets():
     import batchnorm
 
     module = batchnorm.BatchNorm(7, axis=-1, momentum=None)
-    assert repr(module) == "BatchNorm(7, eps=1e-05, momentum=None, affine=True, track_running_stats=True, axis=-1)"
+    assert repr(module) == (
+        "BatchNorm(7, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True, axis=-1)"
+    )
     assert repr(batchnorm.BatchNorm2d(3)) == repr(torch.nn.BatchNorm2d(3))
     module(torch.randn(4, 3, 7) * 5 + 1)
     assert module.num_batches_tracked.item() == 1
     module.reset_running_stats()
     assert module.num_batches_tracked.item() == 0
     assert torch.equal(module.running_mean, torch.zeros(7)) and torch.equal(module.running_var, torch.ones(7))
+
+
+def test_bias_false_as_torch():
+    import batchnorm
+
+    ours, theirs = batchnorm.BatchNorm2d(5, bias=False), torch.nn.BatchNorm2d(5, bias=False)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(4, 5, 3, 3)
+    torch.testing.assert_close(ours(x), theirs(x))

@@ -49,6 +49,7 @@ Args:
     momentum: weight of the new batch in the running averages, in [0, 1], or None. Default: 0.1
     affine: learn ``weight`` and ``bias``. Default: True
     track_running_stats: keep running averages for evaluation. Default: True
+    bias: (keyword-only, as in torch 2.13) learn ``bias`` when affine. Default: True
 """
 
 
@@ -73,6 +74,8 @@ class _BatchNorm(nn.Module):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         if not isinstance(self, LazyModuleMixin):
             _check_constructor(num_features, eps, momentum)
@@ -85,7 +88,10 @@ class _BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -109,7 +115,8 @@ class _BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         F.check_input(input, self.axis)
@@ -143,7 +150,7 @@ class _BatchNorm(nn.Module):
         axis = f", axis={self.axis}" if type(self).__name__ == "BatchNorm" else ""
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}{axis}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}{axis}"
         )
 
     def _load_from_state_dict(
@@ -192,16 +199,27 @@ class BatchNorm(_BatchNorm):
     __doc__ = _DOC.format(
         what="input of rank 2 to 5 with its channels on any axis", torch_name="BatchNorm*", shape="``axis``"
     ) + (
-        "    axis: the channel axis, negative allowed: 1 as torch lays out data, -1 for (N, ..., C)\n"
+        "    axis: (keyword-only) the channel axis, negative allowed: 1 as torch lays out data, -1 for (N, ..., C)\n"
         "        as Keras does. Default: 1\n"
     )
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, axis: int = 1) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        axis: int = 1,
+    ) -> None:
         if isinstance(axis, bool) or not isinstance(axis, int) or not -5 <= axis <= 4:
             raise ValueError(f"axis must be an integer in [-5, 4], got axis={axis!r}")
         self.axis = axis
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
 
 class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
@@ -233,7 +251,8 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
             self.num_features = input.shape[self.axis]
             if self.affine:
                 self.weight.materialize((self.num_features,))
-                self.bias.materialize((self.num_features,))
+                if self.bias is not None:
+                    self.bias.materialize((self.num_features,))
             if self.track_running_stats:
                 self.running_mean.materialize((self.num_features,))
                 self.running_var.materialize((self.num_features,))

@@ -11,6 +11,10 @@ batches, instead of the moving averages kept during training. Two estimators:
 
 Each batch is weighted by its number of values per channel m_b. Works on this
 project's layers and on torch's.
+
+As in Algorithm 2, the data flows through the training network: layers after the
+first see activations normalized with batch statistics, so their estimates depend
+on the batch composition as training did; the first layer's "exact" estimate does not.
 """
 
 from __future__ import annotations

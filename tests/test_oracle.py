@@ -1,0 +1,126 @@
+"""Kernels against the algorithm written plainly in float64 (tests/oracle.py)."""
+
+import oracle
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import functional as F
+from batchnorm.kernels import reference
+
+AXES = [(2, 1), (2, -1), (3, 1), (3, -1), (3, 0), (4, 1), (4, -1), (4, 2), (5, 1), (5, -1)]
+
+
+@pytest.mark.parametrize("rank,axis", AXES)
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_train_forward_and_backward_match_float64_oracle(rank, axis, layout):
+    shape = [5, 4, 3, 6, 2][:rank]
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    if layout == "permuted":  # dense memory in another order than the logical one
+        order = list(range(rank))[::-1]
+        x = x.permute(order).contiguous().permute(order)
+    elif layout == "sliced":  # memory with gaps: copied once, still exact
+        x = torch.randn([2 * shape[0], *shape[1:]], dtype=torch.float64)[::2]
+    channels = x.shape[axis]
+    weight = torch.rand(channels, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, dtype=torch.float64)
+    running_mean = torch.randn(channels, dtype=torch.float64)
+    running_var = torch.rand(channels, dtype=torch.float64) + 0.5
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    xg = x.clone().requires_grad_(True)
+    wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    y = F.batch_norm(xg, running_mean, running_var, wg, bg, training=True, momentum=0.3, axis=axis)
+    dy = torch.randn_like(x)
+    y.backward(dy)
+
+    y_ref, mu, var = oracle.train_forward(x, weight, bias, axis=axis)
+    dx_ref, dw_ref, db_ref = oracle.train_backward(dy, x, weight, axis=axis)
+    rm_ref, rv_ref = oracle.running_update(rm0, rv0, mu, var, x.numel() // channels, 0.3)
+    tol = dict(rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(xg.grad, dx_ref, **tol)
+    torch.testing.assert_close(wg.grad, dw_ref, **tol)
+    torch.testing.assert_close(bg.grad, db_ref, **tol)
+    torch.testing.assert_close(running_mean, rm_ref, **tol)
+    torch.testing.assert_close(running_var, rv_ref, **tol)
+
+    y_eval = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, axis=axis)
+    torch.testing.assert_close(y_eval, oracle.eval_forward(x, running_mean, running_var, weight, bias, axis=axis), **tol)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_offset_variance_exact(layout, dtype):
+    """Mean 1e4, standard deviation 1: E[x^2] - E[x]^2 in float32 gets this wrong."""
+    x = (torch.randn(64, 3, 16, 16, dtype=torch.float64) + 1e4).to(dtype).contiguous(memory_format=layout)
+    module = batchnorm.BatchNorm2d(3, momentum=1.0).to(dtype)
+    module(x)
+    _, mu, var = oracle.train_forward(x, None, None)
+    m = x.numel() // 3
+    torch.testing.assert_close(module.running_var.double(), var * m / (m - 1), rtol=1e-3, atol=0)
+    torch.testing.assert_close(module.running_mean.double(), mu, rtol=1e-7, atol=0)
+    naive = (x.float().square().mean((0, 2, 3)) - x.float().mean((0, 2, 3)).square()).double()
+    assert not torch.allclose(naive, var, rtol=1e-3), "the naive formula should fail here"
+
+
+def test_reference_ops_match_kernels():
+    """The torch-ops implementation (other devices) has the CPU kernels' semantics."""
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last) * 3 + 1
+    weight, bias = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    y, mean, invstd, var = batchnorm.ops.forward_train(x, weight, bias, 1e-5, 1)
+    mean_ref, var_ref = reference.batch_stats(x, 1)
+    y_ref = reference.normalize(x, mean_ref, torch.rsqrt(var_ref + 1e-5), weight, bias, 1)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(var, var_ref)
+    dy = torch.randn_like(x)
+    got = batchnorm.ops.backward(dy, x, mean, invstd, weight, True, 1, True)
+    want = reference.backward(dy, x, mean, invstd, weight, True, 1)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    rm, rv, n = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.tensor(0)
+    rm2, rv2, n2 = rm.clone(), rv.clone(), n.clone()
+    batchnorm.ops.update_running_stats(rm, rv, n, mean, var, 150, -1.0)
+    reference.update_running_stats(rm2, rv2, n2, mean, var, 150, -1.0)
+    torch.testing.assert_close((rm, rv, n), (rm2, rv2, n2))
+
+
+def test_momentum_none_is_cumulative_average():
+    module = batchnorm.BatchNorm1d(3, momentum=None).double()
+    batches = [torch.randn(10, 3, dtype=torch.float64) * (i + 1) for i in range(4)]
+    for batch in batches:
+        module(batch)
+    means = torch.stack([b.mean(0) for b in batches])
+    variances = torch.stack([b.var(0) for b in batches])
+    torch.testing.assert_close(module.running_mean, means.mean(0))
+    torch.testing.assert_close(module.running_var, variances.mean(0))
+    assert module.num_batches_tracked.item() == 4
+
+
+def test_empty_batch_leaves_running_statistics():
+    module = batchnorm.BatchNorm2d(3)
+    module(torch.randn(4, 3, 2, 2))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    for shape in [(0, 3, 2, 2), (4, 3, 0, 2)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = module(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_nonfinite_batch_skips_update_with_warning():
+    module = batchnorm.BatchNorm2d(3)
+    module(torch.randn(4, 3, 2, 2))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(4, 3, 2, 2)
+        x[1, 2, 0, 1] = bad
+        with pytest.warns(RuntimeWarning, match=r"^batch norm: the training batch has NaN or infinite values, so"):
+            y = module(x)
+        assert torch.isfinite(y[:, :2]).all()  # the other channels are normalized as usual
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    module.eval()
+    assert torch.isfinite(module(torch.randn(2, 3, 2, 2))).all()
