@@ -18,6 +18,7 @@ again; a plain backward uses the fast kernel.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numba
@@ -36,6 +37,20 @@ NONFINITE_WARNING = (
 
 
 # ------------------------------------------------------------------- helpers
+
+
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    # GNU OpenMP, which Numba's parallel kernels share with torch, is not fork-safe:
+    # Numba aborts a forked child that launches a parallel region. Forked children
+    # (DataLoader workers) use the torch-ops implementation instead.
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _sync_threads() -> int:
@@ -97,15 +112,13 @@ def forward_train(
     input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, axis: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, invstd, var) with the batch statistics (var biased)."""
-    stat = reference.compute_dtype(input.dtype)
-    mean, var = reference.batch_stats(input, axis)
-    invstd = torch.rsqrt(var + eps)
-    y = reference.normalize(input, mean, invstd, weight, bias, axis)
-    return y, mean.to(stat), invstd.to(stat), var.to(stat)
+    return reference.forward_train(input, weight, bias, eps, axis)
 
 
 @forward_train.register_kernel("cpu")
 def _forward_train_cpu(input, weight, bias, eps, axis):
+    if _forked_child:
+        return reference.forward_train(input, weight, bias, eps, axis)
     channels = input.shape[axis]
     stat = reference.compute_dtype(input.dtype)
     if input.numel() == 0:
@@ -210,6 +223,8 @@ def forward_eval(
 
 @forward_eval.register_kernel("cpu")
 def _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis):
+    if _forked_child:
+        return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
     if input.numel() == 0:
         return _empty_like_view(input, input.dtype)
     threads = _sync_threads()
@@ -255,6 +270,10 @@ def backward(
     input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dgamma, dbeta); dx is an empty tensor when ``input_grad`` is False."""
+    return _backward_reference(grad_output, input, mean, invstd, weight, training, axis, input_grad)
+
+
+def _backward_reference(grad_output, input, mean, invstd, weight, training, axis, input_grad):
     dx, dweight, dbias = reference.backward(grad_output, input, mean, invstd, weight, training, axis)
     stat = reference.compute_dtype(input.dtype)
     if not input_grad:
@@ -264,6 +283,8 @@ def backward(
 
 @backward.register_kernel("cpu")
 def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, input_grad):
+    if _forked_child:
+        return _backward_reference(grad_output, input, mean, invstd, weight, training, axis, input_grad)
     channels = input.shape[axis]
     stat = reference.compute_dtype(input.dtype)
     dweight = torch.zeros(channels, dtype=stat)

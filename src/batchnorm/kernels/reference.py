@@ -74,6 +74,15 @@ def update_running_stats(
     running_var.copy_(torch.where(finite, new_var, running_var.to(var.dtype)))
 
 
+def forward_train(x, weight, bias, eps, axis):
+    """Algorithm 1: (y, mean, invstd, biased var), the statistics in float32 or float64."""
+    stat = compute_dtype(x.dtype)
+    mean, var = batch_stats(x, axis)
+    invstd = torch.rsqrt(var + eps)
+    y = normalize(x, mean, invstd, weight, bias, axis)
+    return y, mean.to(stat), invstd.to(stat), var.to(stat)
+
+
 def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     """Inference with fixed statistics: y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta."""
     invstd = torch.rsqrt(running_var.to(accumulate_dtype(x)) + eps)

@@ -1,0 +1,217 @@
+"""Benchmarks against PyTorch on the CPU: medians, ratios and achieved bandwidth.
+
+For each shape and layout: forward-train, forward-eval and forward+backward of
+this project's layer, torch eager in NCHW, torch eager in channels_last and
+torch.compile (inductor) in the row's layout. Bandwidth: a memory copy on a
+working set larger than twice the last-level cache, measured in the same
+process; forward-train moves 8 bytes per float32 element (one read, one write).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numba
+import torch
+
+from .layers import BatchNorm1d, BatchNorm2d
+
+SHAPES = [(64, 64, 32, 32), (32, 256, 14, 14), (64, 64, 56, 56), (256, 1024), (128, 16, 40)]
+OPERATIONS = ("forward-train", "forward-eval", "forward+backward")
+
+
+@dataclass
+class Row:
+    shape: tuple[int, ...]
+    layout: str
+    operation: str
+    times: dict[str, float]  # implementation -> median seconds
+
+
+def median_time(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def last_level_cache_bytes() -> int:
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            with open(os.path.join(base, entry, "size")) as handle:
+                text = handle.read().strip()
+            sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}.get(text[-1], 1))
+    except (OSError, ValueError):
+        return 32 * 1024**2
+    return max(sizes) if sizes else 32 * 1024**2
+
+
+def copy_bandwidth(repeat: int) -> tuple[float, int]:
+    """Bytes per second of a copy (read + write) over 2 x 2 x LLC bytes, and that size."""
+    size = 2 * last_level_cache_bytes()
+    source = torch.ones(size // 4)
+    target = torch.empty_like(source)
+    seconds = median_time(lambda: target.copy_(source), repeat)
+    return 2 * size / seconds, 2 * size
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
+
+
+def _modules(channels: int, rank: int):
+    ours = (BatchNorm2d if rank == 4 else BatchNorm1d)(channels)
+    theirs = (torch.nn.BatchNorm2d if rank == 4 else torch.nn.BatchNorm1d)(channels)
+    return ours, theirs
+
+
+def _operation(module: torch.nn.Module, x: torch.Tensor, operation: str) -> Callable[[], object]:
+    if operation == "forward-train":
+        module.train()
+        return lambda: module(x)
+    if operation == "forward-eval":
+        module.eval()
+        return lambda: module(x)
+    module.train()
+    leaf = x.detach().clone().requires_grad_(True)
+    grad = torch.randn_like(leaf)
+
+    def step():
+        module(leaf).backward(grad)
+        leaf.grad = None
+
+    return step
+
+
+def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
+    rows = []
+    for shape in shapes:
+        rank = len(shape)
+        layouts = ["NCHW", "channels_last"] if rank == 4 else ["contiguous"]
+        base = torch.randn(shape)
+        ours, theirs = _modules(shape[1], rank)
+        for layout in layouts:
+            x = _layout(base, layout)
+            for operation in OPERATIONS:
+                times = {"batchnorm": median_time(_operation(ours, x, operation), repeat)}
+                if rank == 4:
+                    times["torch NCHW"] = median_time(_operation(theirs, _layout(base, "NCHW"), operation), repeat)
+                    times["torch channels_last"] = median_time(
+                        _operation(theirs, _layout(base, "channels_last"), operation), repeat
+                    )
+                else:
+                    times["torch"] = median_time(_operation(theirs, x, operation), repeat)
+                if with_compile:
+                    compiled = torch.compile(theirs, dynamic=False)
+                    times["torch.compile"] = median_time(_operation(compiled, x, operation), repeat)
+                    torch._dynamo.reset()
+                rows.append(Row(shape, layout, operation, times))
+    return rows
+
+
+def interleaved(repeat: int) -> dict[str, float]:
+    """conv -> batch norm -> conv, so that torch's OpenMP team and Numba's alternate."""
+    x = torch.randn(32, 64, 28, 28)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    ours, theirs = BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+    with torch.no_grad():
+        return {
+            "conv, conv": median_time(lambda: conv(conv(x)), repeat),
+            "conv, batchnorm, conv": median_time(lambda: conv(ours(conv(x))), repeat),
+            "conv, torch BN, conv": median_time(lambda: conv(theirs(conv(x))), repeat),
+            "batchnorm alone": median_time(lambda: ours(x), repeat),
+            "torch BN alone": median_time(lambda: theirs(x), repeat),
+        }
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{model}, {os.cpu_count()} cores, LLC {last_level_cache_bytes() // 1024**2} MiB; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
+        f"({numba.threading_layer() if _numba_ran() else 'n/a'} threading layer)"
+    )
+
+
+def _numba_ran() -> bool:
+    try:
+        numba.threading_layer()
+        return True
+    except ValueError:
+        return False
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def report(rows: list[Row], bandwidth: float, copy_bytes: int, mixed: dict[str, float] | None) -> str:
+    lines = [f"Machine: {machine()}", ""]
+    lines.append(
+        f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s"
+    )
+    lines.append("")
+    names = list(dict.fromkeys(name for row in rows for name in row.times))
+    header = ["shape", "layout", "operation", *[f"{n} (ms)" for n in names], "same layout / ours", "best torch / ours"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in rows:
+        ours = row.times["batchnorm"]
+        same = row.times.get({"NCHW": "torch NCHW", "channels_last": "torch channels_last"}.get(row.layout, "torch"))
+        best = min(t for name, t in row.times.items() if name != "batchnorm")
+        cells = [
+            "x".join(map(str, row.shape)),
+            row.layout,
+            row.operation,
+            *[_ms(row.times[n]) if n in row.times else "" for n in names],
+            f"{same / ours:.2f}x",
+            f"{best / ours:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for row in rows:
+        if row.operation == "forward-train" and row.shape == (64, 64, 56, 56):
+            moved = 8 * math.prod(row.shape)
+            achieved = moved / row.times["batchnorm"]
+            lines.append(
+                f"forward-train {'x'.join(map(str, row.shape))} {row.layout}: {achieved / 1e9:.1f} GB/s "
+                f"= {100 * achieved / bandwidth:.0f}% of the copy bandwidth (8 bytes per element)"
+            )
+    if mixed:
+        lines.append("")
+        lines.append("Interleaved with torch ops (32x64x28x28, no grad), medians in ms:")
+        for name, seconds in mixed.items():
+            lines.append(f"- {name}: {_ms(seconds)}")
+        lines.append(
+            f"- batch norm inside the sequence: ours {_ms(mixed['conv, batchnorm, conv'] - mixed['conv, conv'])}, "
+            f"torch {_ms(mixed['conv, torch BN, conv'] - mixed['conv, conv'])}"
+        )
+    return "\n".join(lines)
+
+
+def run(shapes=None, repeat: int = 20, with_compile: bool = True, with_interleaved: bool = True) -> str:
+    shapes = shapes or SHAPES
+    bandwidth, copy_bytes = copy_bandwidth(repeat)
+    rows = measure(shapes, repeat, with_compile)
+    mixed = interleaved(repeat) if with_interleaved else None
+    return report(rows, bandwidth, copy_bytes, mixed)
