@@ -100,7 +100,7 @@ def batch_norm(
     if not training:
         if running_mean is None:
             raise ValueError("running_mean and running_var are needed when training=False")
-        return ops.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
+        return ops.evaluate(input, running_mean, running_var, weight, bias, eps, axis)
 
     count = input.numel() // channels if channels else 0
     if count == 1:
@@ -111,8 +111,8 @@ def batch_norm(
         )
     if momentum is None and running_mean is not None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    output, mean, _invstd, var = ops.forward_train(input, weight, bias, eps, axis)
+    output, mean, _invstd, var = ops.train(input, weight, bias, eps, axis)
     if running_mean is not None and count > 1:
         factor = -1.0 if momentum is None else float(momentum)
-        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, factor)
+        ops.update(running_mean, running_var, num_batches_tracked, mean, var, count, factor)
     return output

@@ -25,6 +25,7 @@ import numba
 import torch
 
 from .kernels import cpu, reference
+from .buffers import pool
 from .layout import channel_view
 
 Tensor = torch.Tensor
@@ -126,7 +127,7 @@ def _forward_train_cpu(input, weight, bias, eps, axis):
         return _empty_like_view(input, input.dtype), empty, empty.clone(), empty.clone()
     threads = _sync_threads()
     x, view = _kernel_arrays(input, axis)
-    y = _empty_like_view(x, x.dtype)
+    y = pool.empty_like(x)
     mean = torch.empty(channels, dtype=stat)
     invstd = torch.empty(channels, dtype=stat)
     var = torch.empty(channels, dtype=stat)
@@ -230,7 +231,7 @@ def _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
     threads = _sync_threads()
     channels = input.shape[axis]
     x, view = _kernel_arrays(input, axis)
-    y = _empty_like_view(x, x.dtype)
+    y = pool.empty_like(x)
     x_np, channel_major = _numpy_view(view)
     y_np, _ = _numpy_view(channel_view(y, axis))
     stat = x.dtype
@@ -299,7 +300,7 @@ def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, inpu
     x_np, channel_major = _numpy_view(view)
     dy_np, _ = _numpy_view(channel_view(dy, axis))
     if input_grad:
-        dx = _empty_like_view(x, x.dtype)
+        dx = pool.empty_like(x)
         dx_np, _ = _numpy_view(channel_view(dx, axis))
     else:
         dx = input.new_empty(0)
@@ -348,7 +349,8 @@ def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training):
             mean = batch_mean
         dx, dweight, dbias = reference.backward(grad_output, input, mean, invstd, weight, training, ctx.axis)
     else:
-        dx, dweight, dbias = backward(grad_output, input, mean, invstd, weight, training, ctx.axis, needs_input)
+        kernel = getattr(ctx, "backward_kernel", backward)
+        dx, dweight, dbias = kernel(grad_output, input, mean, invstd, weight, training, ctx.axis, needs_input)
     grad_weight = dweight.to(weight.dtype) if needs_weight and weight is not None else None
     grad_bias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if needs_bias else None
     return (dx if needs_input else None), grad_weight, grad_bias
@@ -386,3 +388,72 @@ torch.library.register_autograd(
     "batchnorm::forward_train", _backward_forward_train, setup_context=_setup_forward_train
 )
 torch.library.register_autograd("batchnorm::forward_eval", _backward_forward_eval, setup_context=_setup_forward_eval)
+
+
+# ------------------------------------------------------------- eager fast path
+#
+# The dispatcher round trip of a Python custom op costs tens of microseconds. In
+# plain eager mode on the CPU (no compile, no tracing, no mode, no tensor
+# subclass) the same CPU implementations and the same backward are called through
+# an autograd.Function instead; everything else goes through the ops above.
+
+
+def eager(*tensors: Tensor | None) -> bool:
+    """True when the CPU implementations may be called directly."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu):
+            return False
+    return True
+
+
+class _EagerTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps, axis):
+        y, mean, invstd, var = _forward_train_cpu(input, weight, bias, eps, axis)
+        ctx.mark_non_differentiable(mean, invstd, var)
+        _setup_forward_train(ctx, (input, weight, bias, eps, axis), (y, mean, invstd, var))
+        ctx.backward_kernel = _backward_cpu
+        return y, mean, invstd, var
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
+        return _backward_forward_train(ctx, grad_output, None, None, None)
+
+
+class _EagerEval(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, running_mean, running_var, weight, bias, eps, axis):
+        y = _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
+        _setup_forward_eval(ctx, (input, running_mean, running_var, weight, bias, eps, axis), y)
+        ctx.backward_kernel = _backward_cpu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _backward_forward_eval(ctx, grad_output)
+
+
+def train(input, weight, bias, eps, axis):
+    """forward_train, through the op or, in plain eager CPU mode, directly."""
+    if eager(input, weight, bias):
+        return _EagerTrain.apply(input, weight, bias, eps, axis)
+    return forward_train(input, weight, bias, eps, axis)
+
+
+def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
+    """forward_eval, through the op or, in plain eager CPU mode, directly."""
+    if eager(input, running_mean, running_var, weight, bias):
+        return _EagerEval.apply(input, running_mean, running_var, weight, bias, eps, axis)
+    return forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
+
+
+def update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    """update_running_stats, through the op or, in plain eager CPU mode, directly."""
+    if eager(running_mean, running_var, num_batches_tracked, mean, var):
+        _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    else:
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)

@@ -1,0 +1,93 @@
+"""Output buffers that keep their memory pages between calls.
+
+A fresh multi-megabyte tensor comes from mmap, and writing it faults in every page:
+for a 51 MB output that costs about as much as the whole normalization. The pool
+hands out tensors backed by numpy arrays it keeps; an array whose tensor is gone
+(only the pool still refers to it) is handed out again, already mapped. What the
+pool keeps beyond the buffers in use is capped by ``max_idle_bytes``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+import torch
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _refcount(array: np.ndarray) -> int:
+    return sys.getrefcount(array)
+
+
+def _calibrate() -> int:
+    """References to an array held by nothing but the pool's list, counted the way the
+    pool counts them (a loop over the list); a tensor using the array adds at least one.
+    Measured rather than assumed, since the count depends on the interpreter."""
+    arrays = [np.empty(1)]
+    for candidate in arrays:
+        return _refcount(candidate)
+    raise AssertionError("unreachable")
+
+
+_IDLE_REFS = _calibrate()
+
+
+class BufferPool:
+    def __init__(self, min_bytes: int = 1 << 20, max_idle_bytes: int = 1 << 30) -> None:
+        self.min_bytes = min_bytes
+        self.max_idle_bytes = max_idle_bytes
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+
+    def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor with ``tensor``'s shape, strides and dtype (dense input)."""
+        dtype = _NUMPY.get(tensor.dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if dtype is None or nbytes < self.min_bytes:
+            return torch.empty_like(tensor, memory_format=torch.preserve_format)
+        with self._lock:
+            array = None
+            for candidate in self._arrays:
+                if candidate.nbytes == nbytes and candidate.dtype == dtype and _refcount(candidate) <= _IDLE_REFS:
+                    array = candidate
+                    break
+            if array is None:
+                self._trim(nbytes)
+                array = np.empty(tensor.numel(), dtype)
+                self._arrays.append(array)
+            flat = torch.from_numpy(array)
+        return flat.as_strided(tensor.shape, tensor.stride())
+
+    def _trim(self, incoming: int) -> None:
+        """Drop idle arrays, largest first, until the idle ones fit the cap."""
+        idle = []
+        for candidate in self._arrays:
+            if _refcount(candidate) <= _IDLE_REFS:
+                idle.append(candidate)
+        idle.sort(key=lambda a: -a.nbytes)
+        idle_bytes = sum(a.nbytes for a in idle)
+        while idle and idle_bytes + incoming > self.max_idle_bytes:
+            array = idle.pop(0)
+            idle_bytes -= array.nbytes
+            self._arrays = [a for a in self._arrays if a is not array]
+
+    def clear(self) -> None:
+        """Forget every buffer (those in use stay alive with their tensors)."""
+        with self._lock:
+            self._arrays = []
+
+    @property
+    def idle_bytes(self) -> int:
+        with self._lock:
+            total = 0
+            for candidate in self._arrays:
+                if _refcount(candidate) <= _IDLE_REFS:
+                    total += candidate.nbytes
+            return total
+
+
+pool = BufferPool()
