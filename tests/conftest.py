@@ -26,5 +26,8 @@ def tolerance(dtype):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_numba_kernels(monkeypatch):
+    """Every test runs the Numba kernels, also on the small inputs that in use go to
+    torch's kernel (ops.SMALL_INPUT); test_small_inputs.py tests that path."""
     torch.manual_seed(0)
+    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 0)
