@@ -3,9 +3,10 @@
 import itertools
 from collections import OrderedDict
 
-import oracle
 import pytest
 import torch
+
+import oracle
 from conftest import LAYOUTS, OURS, SHAPES, TORCH, tolerance
 
 CASES = [

@@ -1,11 +1,12 @@
 """Small inputs go to torch's CPU kernel in eager mode; the semantics stay this project's."""
 
-import oracle
 import pytest
 import torch
 
 import batchnorm
 from batchnorm import ops
+
+import oracle
 
 
 @pytest.fixture(autouse=True)

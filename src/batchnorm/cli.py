@@ -10,7 +10,9 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape must be comma-separated integers like 64,64,32,32, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--shape must be comma-separated integers like 64,64,32,32, got {text!r}"
+        ) from None
     if not 2 <= len(shape) <= 4 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"--shape must have 2 to 4 positive sizes, got {text!r}")
     return shape

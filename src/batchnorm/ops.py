@@ -24,8 +24,8 @@ import warnings
 import numba
 import torch
 
-from .kernels import cpu, reference
 from .buffers import pool
+from .kernels import cpu, reference
 from .layout import channel_view
 
 Tensor = torch.Tensor
@@ -378,9 +378,8 @@ def _setup_forward_eval(ctx, inputs, output):
 def _backward_forward_eval(ctx, grad_output):
     input, running_mean, running_var, weight = ctx.saved_tensors
     invstd = torch.rsqrt(running_var.to(reference.compute_dtype(input.dtype)) + ctx.eps)
-    dx, dweight, dbias = _gradients(
-        ctx, (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]), grad_output, input, running_mean, invstd, weight, False
-    )
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])  # input, weight, bias
+    dx, dweight, dbias = _gradients(ctx, needs, grad_output, input, running_mean, invstd, weight, False)
     return dx, None, None, dweight, dbias, None, None
 
 

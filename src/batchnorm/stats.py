@@ -117,7 +117,9 @@ def population_statistics(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got estimator={estimator!r}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive integer or None, got max_batches={max_batches!r}")
     layers = batch_norm_layers(model)
     run = forward or (lambda module, batch: module(_first_tensor(batch)))
@@ -162,7 +164,10 @@ def population_statistics(
     for name, layer in layers:
         counts[name] = estimates[name].count
         if estimates[name].count < 2:
-            warnings.warn(f"population_statistics: layer {name!r} saw no batch; its running statistics are unchanged")
+            warnings.warn(
+                f"population_statistics: layer {name!r} saw no batch; its running statistics are unchanged",
+                stacklevel=2,
+            )
             continue
         mean, var = estimates[name].result()
         layer.running_mean.copy_(mean)
