@@ -9,6 +9,7 @@ process; forward-train moves 8 bytes per float32 element (one read, one write).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -138,14 +139,11 @@ def interleaved(repeat: int) -> dict[str, float]:
 
 def machine() -> str:
     model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
     return (
         f"{model}, {os.cpu_count()} cores, LLC {last_level_cache_bytes() // 1024**2} MiB; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
