@@ -50,17 +50,21 @@ class BufferPool:
         if dtype is None or nbytes < self.min_bytes:
             return torch.empty_like(tensor, memory_format=torch.preserve_format)
         with self._lock:
-            array = None
-            for candidate in self._arrays:
-                if candidate.nbytes == nbytes and candidate.dtype == dtype and _refcount(candidate) <= _IDLE_REFS:
-                    array = candidate
-                    break
+            array = self._take_idle(nbytes, dtype)
             if array is None:
                 self._trim(nbytes)
                 array = np.empty(tensor.numel(), dtype)
                 self._arrays.append(array)
             flat = torch.from_numpy(array)
         return flat.as_strided(tensor.shape, tensor.stride())
+
+    def _take_idle(self, nbytes: int, dtype) -> np.ndarray | None:
+        # a function of its own, so that no loop variable outlives the search and
+        # counts as a reference to an array while _trim looks for idle ones
+        for candidate in self._arrays:
+            if candidate.nbytes == nbytes and candidate.dtype == dtype and _refcount(candidate) <= _IDLE_REFS:
+                return candidate
+        return None
 
     def _trim(self, incoming: int) -> None:
         """Drop idle arrays, largest first, until the idle ones fit the cap."""

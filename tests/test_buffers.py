@@ -1,0 +1,44 @@
+"""The output buffer pool: never hands out memory in use, reuses memory that is idle."""
+
+import torch
+
+import batchnorm
+from batchnorm.buffers import BufferPool
+
+
+def test_live_buffers_are_never_reused_and_idle_ones_are():
+    pool = BufferPool(min_bytes=0)
+    like = torch.empty(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    first = pool.empty_like(like)
+    assert first.shape == like.shape and first.stride() == like.stride() and first.dtype == like.dtype
+    second = pool.empty_like(like)
+    assert first.data_ptr() != second.data_ptr()
+    view = first[1:]
+    address = first.data_ptr()
+    del first
+    third = pool.empty_like(like)  # the view keeps the first buffer busy
+    assert third.data_ptr() not in (address, second.data_ptr())
+    del view
+    fourth = pool.empty_like(like)
+    assert fourth.data_ptr() == address
+    assert pool.idle_bytes == 0
+
+
+def test_idle_bytes_capped():
+    pool = BufferPool(min_bytes=0, max_idle_bytes=1000)
+    held = [pool.empty_like(torch.empty(100)) for _ in range(3)]  # 400 bytes each
+    del held
+    assert pool.idle_bytes == 1200
+    pool.empty_like(torch.empty(50))  # 200 more: idle ones dropped until they fit the cap
+    assert pool.idle_bytes <= 1000
+
+
+def test_large_outputs_alive_at_once_do_not_alias():
+    """Inputs above the pool's 1 MiB threshold, several outputs kept alive, against torch."""
+    ours, theirs = batchnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+    inputs = [torch.randn(16, 8, 48, 48) * (i + 1) for i in range(3)]
+    outputs = [ours(x) for x in inputs]
+    for x, y in zip(inputs, outputs, strict=True):
+        torch.testing.assert_close(y, theirs(x), rtol=1e-4, atol=1e-5)
+    del outputs
+    torch.testing.assert_close(ours(inputs[0]), theirs(inputs[0]), rtol=1e-4, atol=1e-5)
