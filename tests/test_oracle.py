@@ -61,6 +61,11 @@ def test_large_offset_variance_exact(layout, dtype):
     m = x.numel() // 3
     torch.testing.assert_close(module.running_var.double(), var * m / (m - 1), rtol=1e-3, atol=0)
     torch.testing.assert_close(module.running_mean.double(), mu, rtol=1e-7, atol=0)
+    # evaluation with the same large mean: (x - E[x]) * scale, not x * scale + offset
+    module.eval()
+    y_eval = module(x)
+    y_ref = oracle.eval_forward(x, module.running_mean, module.running_var, module.weight, module.bias)
+    torch.testing.assert_close(y_eval.double(), y_ref, rtol=0, atol=1e-5)
     naive = (x.float().square().mean((0, 2, 3)) - x.float().mean((0, 2, 3)).square()).double()
     assert not torch.allclose(naive, var, rtol=1e-3), "the naive formula should fail here"
 

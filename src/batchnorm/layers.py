@@ -122,21 +122,21 @@ class _BatchNorm(nn.Module):
         F.check_input(input, self.axis)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        axis = F.check_input(input, self.axis)
-        if input.shape[axis] != self.num_features:
+        self._check_input_dim(input)  # after it, self.axis indexes the input
+        if input.shape[self.axis] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}(num_features={self.num_features}) expected input with "
-                f"{self.num_features} channels on axis {self.axis}, got {input.shape[axis]} "
+                f"{self.num_features} channels on axis {self.axis}, got {input.shape[self.axis]} "
                 f"(input size {tuple(input.shape)})"
             )
         # torch's rule: batch statistics in training, or whenever there are no running buffers
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        update = not self.training or self.track_running_stats
+        # torch's rule: the buffers go in unless training without tracking
+        pass_buffers = not self.training or self.track_running_stats
         return F.batch_norm(
             input,
-            self.running_mean if update else None,
-            self.running_var if update else None,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
             self.weight,
             self.bias,
             use_batch_stats,

@@ -108,17 +108,6 @@ def _channel_sums_rows(x, shift, other, threads):
 
 
 @njit(**_parallel)
-def _affine_rows(x, scale, offset, y, threads):
-    """y = x * scale + offset per channel, on (A, C) data, rows in parallel."""
-    A, C = x.shape
-    chunks = min(threads, A)
-    for t in prange(chunks):
-        for a in range(t * A // chunks, (t + 1) * A // chunks):
-            for c in range(C):
-                y[a, c] = x[a, c] * scale[c] + offset[c]
-
-
-@njit(**_parallel)
 def _centered_affine_rows(x, mean, scale, offset, y, threads):
     """y = (x - mean) * scale + offset per channel, on (A, C) data."""
     A, C = x.shape
@@ -151,40 +140,45 @@ def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, t
 
 
 @njit(**_serial)
-def _eval_affine(running_mean, running_var, weight, bias, eps, dtype_like):
-    """Inference as one affine map: scale = gamma/sqrt(Var+eps), offset = beta - E[x]*scale."""
+def _eval_scale(running_mean, running_var, weight, eps, dtype_like):
+    """E[x] and scale = gamma/sqrt(Var[x] + eps) in the data's dtype.
+
+    Inference is one affine map per channel; it is applied as (x - E[x]) * scale + beta
+    rather than x * scale + (beta - E[x]*scale), which cancels when |E[x]| >> std.
+    """
     C = running_mean.shape[0]
+    mean = np.empty(C, dtype_like.dtype)
     scale = np.empty(C, dtype_like.dtype)
-    offset = np.empty(C, dtype_like.dtype)
     for c in range(C):
-        s = weight[c] / math.sqrt(np.float64(running_var[c]) + eps)
-        scale[c] = s
-        offset[c] = bias[c] - running_mean[c] * s
-    return scale, offset
+        mean[c] = running_mean[c]
+        scale[c] = weight[c] / math.sqrt(np.float64(running_var[c]) + eps)
+    return mean, scale
 
 
 @njit(**_parallel)
-def _affine_channels(x, scale, offset, y):
+def _centered_affine_channels(x, mean, scale, offset, y):
+    """y = (x - mean) * scale + offset per channel, on (A, C, B) data, (a, c) pairs in parallel."""
     A, C, B = x.shape
     for ac in prange(A * C):
         a = ac // C
         c = ac - a * C
+        mu = mean[c]
         s = scale[c]
         o = offset[c]
         for b in range(B):
-            y[a, c, b] = x[a, c, b] * s + o
+            y[a, c, b] = (x[a, c, b] - mu) * s + o
 
 
 @njit(**_serial)
 def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y):
-    scale, offset = _eval_affine(running_mean, running_var, weight, bias, eps, y)
-    _affine_channels(x, scale, offset, y)
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps, y)
+    _centered_affine_channels(x, mean, scale, bias, y)
 
 
 @njit(**_serial)
 def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads):
-    scale, offset = _eval_affine(running_mean, running_var, weight, bias, eps, y)
-    _affine_rows(x, scale, offset, y, threads)
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps, y)
+    _centered_affine_rows(x, mean, scale, bias, y, threads)
 
 
 # ---------------------------------------------------------------------- backward
