@@ -10,10 +10,7 @@ import oracle
 from conftest import LAYOUTS, OURS, SHAPES, TORCH, tolerance
 
 CASES = [
-    (rank, layout, dtype)
-    for rank in SHAPES
-    for layout in LAYOUTS[rank]
-    for dtype in (torch.float32, torch.float64)
+    (rank, layout, dtype) for rank in SHAPES for layout in LAYOUTS[rank] for dtype in (torch.float32, torch.float64)
 ]
 
 
@@ -51,9 +48,7 @@ def assert_same(ours, theirs, x, grad, tol):
 
 
 @pytest.mark.parametrize("rank,layout,dtype", CASES)
-@pytest.mark.parametrize(
-    "affine,track,momentum", list(itertools.product([True, False], [True, False], [0.1, None]))
-)
+@pytest.mark.parametrize("affine,track,momentum", list(itertools.product([True, False], [True, False], [0.1, None])))
 def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum):
     ours, theirs = twins(rank, dtype, affine=affine, track_running_stats=track, momentum=momentum)
     tol = tolerance(dtype)
@@ -92,9 +87,17 @@ def test_state_dict_round_trip_both_ways():
     ours, theirs = twins(4, torch.float32)
     for _ in range(3):
         theirs(torch.randn(4, 5, 3, 3))
-    assert list(ours.state_dict()) == list(theirs.state_dict()) == [
-        "weight", "bias", "running_mean", "running_var", "num_batches_tracked",
-    ]
+    assert (
+        list(ours.state_dict())
+        == list(theirs.state_dict())
+        == [
+            "weight",
+            "bias",
+            "running_mean",
+            "running_var",
+            "num_batches_tracked",
+        ]
+    )
     ours.load_state_dict(theirs.state_dict())
     back = TORCH[4](5)
     back.load_state_dict(ours.state_dict())
@@ -134,9 +137,11 @@ def test_drop_in_inside_a_model():
 def test_lazy_modules_infer_num_features():
     import batchnorm
 
-    for rank, lazy, final in [(3, batchnorm.LazyBatchNorm1d, batchnorm.BatchNorm1d),
-                              (4, batchnorm.LazyBatchNorm2d, batchnorm.BatchNorm2d),
-                              (5, batchnorm.LazyBatchNorm3d, batchnorm.BatchNorm3d)]:
+    for rank, lazy, final in [
+        (3, batchnorm.LazyBatchNorm1d, batchnorm.BatchNorm1d),
+        (4, batchnorm.LazyBatchNorm2d, batchnorm.BatchNorm2d),
+        (5, batchnorm.LazyBatchNorm3d, batchnorm.BatchNorm3d),
+    ]:
         module = lazy()
         x = torch.randn(SHAPES[rank])
         y = module(x)

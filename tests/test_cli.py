@@ -11,8 +11,12 @@ from batchnorm import cli
 
 def test_bench_prints_a_filled_table(capsys, tmp_path):
     out = tmp_path / "bench.md"
-    assert cli.main(["bench", "--shape", "128,16,40", "--repeat", "2", "--no-compile", "--no-interleaved",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["bench", "--shape", "128,16,40", "--repeat", "2", "--no-compile", "--no-interleaved", "--out", str(out)]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| 128x16x40")]
     assert [row.split("|")[3].strip() for row in rows] == ["forward-train", "forward-eval", "forward+backward"]

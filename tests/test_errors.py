@@ -24,17 +24,29 @@ def _unchanged(module, state):
     "make_input,error,message",
     [
         (lambda: torch.randn(3, 2, 2), ValueError, "expected 4D input (got 3D input)"),
-        (lambda: torch.randn(2, 4, 2, 2), ValueError,
-         "BatchNorm2d(num_features=3) expected input with 3 channels on axis 1, got 4 (input size (2, 4, 2, 2))"),
-        (lambda: torch.randn(1, 3, 1, 1), ValueError,
-         "Expected more than 1 value per channel when training, got input size torch.Size([1, 3, 1, 1]); "
-         "use eval mode (model.eval()), a batch with more than one value per channel, or a normalization "
-         "that does not depend on the batch (LayerNorm, GroupNorm)"),
-        (lambda: torch.ones(2, 3, 2, 2, dtype=torch.int64), TypeError,
-         "input must have a floating-point dtype (float16, bfloat16, float32 or float64), got input.dtype=torch.int64"),
-        (lambda: torch.ones(2, 3, 2, 2, dtype=torch.complex64), TypeError,
-         "input must have a floating-point dtype (float16, bfloat16, float32 or float64), "
-         "got input.dtype=torch.complex64"),
+        (
+            lambda: torch.randn(2, 4, 2, 2),
+            ValueError,
+            "BatchNorm2d(num_features=3) expected input with 3 channels on axis 1, got 4 (input size (2, 4, 2, 2))",
+        ),
+        (
+            lambda: torch.randn(1, 3, 1, 1),
+            ValueError,
+            "Expected more than 1 value per channel when training, got input size torch.Size([1, 3, 1, 1]); "
+            "use eval mode (model.eval()), a batch with more than one value per channel, or a normalization "
+            "that does not depend on the batch (LayerNorm, GroupNorm)",
+        ),
+        (
+            lambda: torch.ones(2, 3, 2, 2, dtype=torch.int64),
+            TypeError,
+            "input must have a floating-point dtype (float16, bfloat16, float32 or float64), got input.dtype=torch.int64",
+        ),
+        (
+            lambda: torch.ones(2, 3, 2, 2, dtype=torch.complex64),
+            TypeError,
+            "input must have a floating-point dtype (float16, bfloat16, float32 or float64), "
+            "got input.dtype=torch.complex64",
+        ),
     ],
 )
 def test_bad_input_to_module(make_input, error, message):

@@ -19,8 +19,11 @@ def test_small_inputs_match_oracle_and_torch(shape):
     x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     assert ops._small(x, 1)
     ours = batchnorm.BatchNorm(shape[1], momentum=None).double()
-    theirs = torch.nn.BatchNorm1d(shape[1], momentum=None).double() if len(shape) < 4 else \
-        torch.nn.BatchNorm2d(shape[1], momentum=None).double()
+    theirs = (
+        torch.nn.BatchNorm1d(shape[1], momentum=None).double()
+        if len(shape) < 4
+        else torch.nn.BatchNorm2d(shape[1], momentum=None).double()
+    )
     for step in range(3):
         xs = x * (step + 1)
         a, b = xs.clone().requires_grad_(True), xs.clone().requires_grad_(True)
@@ -46,3 +49,15 @@ def test_small_input_nan_batch_still_skipped():
     with pytest.warns(RuntimeWarning, match="^batch norm: the training batch has NaN"):
         module(x)
     assert torch.equal(module.running_mean, torch.zeros(4)) and module.num_batches_tracked.item() == 0
+
+
+def test_small_input_float32_running_stats_match_torch():
+    """float32: the variance comes back from torch's 1/sqrt(var + eps) inside the update kernel."""
+    ours, theirs = batchnorm.BatchNorm1d(16), torch.nn.BatchNorm1d(16)
+    for step in range(4):
+        x = torch.randn(128, 16, 40) * (step + 1) + step
+        assert ops._small(x, 1)
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-6, atol=1e-7)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 4

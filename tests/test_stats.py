@@ -10,15 +10,18 @@ from batchnorm import population_statistics
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(6, 8), batchnorm.BatchNorm1d(8), torch.nn.Tanh(),
-        torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4),  # torch's layer too
+        torch.nn.Linear(6, 8),
+        batchnorm.BatchNorm1d(8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 4),
+        torch.nn.BatchNorm1d(4),  # torch's layer too
     )
 
 
 def _split(data, sizes):
     out, start = [], 0
     for size in sizes:
-        out.append(data[start:start + size])
+        out.append(data[start : start + size])
         start += size
     return out
 

@@ -165,9 +165,7 @@ def _ms(seconds: float) -> str:
 
 def report(rows: list[Row], bandwidth: float, copy_bytes: int, mixed: dict[str, float] | None) -> str:
     lines = [f"Machine: {machine()}", ""]
-    lines.append(
-        f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s"
-    )
+    lines.append(f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s")
     lines.append("")
     names = list(dict.fromkeys(name for row in rows for name in row.times))
     header = ["shape", "layout", "operation", *[f"{n} (ms)" for n in names], "same layout / ours", "best torch / ours"]

@@ -42,7 +42,6 @@ class BufferPool:
         self._arrays: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-
     def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
         """An uninitialized tensor with ``tensor``'s shape, strides and dtype (dense input)."""
         dtype = _NUMPY.get(tensor.dtype)

@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="batchnorm", description="Exact, fast batch normalization for PyTorch.")
     commands = root.add_subparsers(dest="command", required=True)
     bench = commands.add_parser(
-        "bench", help="time this project's batch norm against torch's on the CPU",
+        "bench",
+        help="time this project's batch norm against torch's on the CPU",
         description="Median times of forward-train, forward-eval and forward+backward, with ratios and bandwidth.",
     )
     bench.add_argument("--shape", type=_shape, action="append", help="a shape to time (repeatable); default: all five")

@@ -34,7 +34,7 @@ from . import ops
 
 Tensor = torch.Tensor
 
-__all__ = ["batch_norm", "check_input", "check_options"]
+__all__ = ["batch_norm", "check_channel_tensors", "check_input", "check_options", "normalize"]
 
 
 def check_options(momentum: float | None, eps: float) -> None:
@@ -62,10 +62,16 @@ def check_input(input: Tensor, axis: int) -> int:
     return axis % input.dim()
 
 
-def _check_channel_tensor(name: str, tensor: Tensor | None, channels: int) -> None:
-    # torch's wording for the same check
-    if tensor is not None and tensor.numel() != channels:
-        raise ValueError(f"{name} should contain {channels} elements not {tensor.numel()}")
+def check_channel_tensors(
+    channels: int, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None
+) -> None:
+    """One value per channel in each per-channel tensor given (torch's wording)."""
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    for name, tensor in named:
+        if tensor is not None and tensor.numel() != channels:
+            raise ValueError(f"{name} should contain {channels} elements not {tensor.numel()}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
 
 
 def batch_norm(
@@ -89,19 +95,32 @@ def batch_norm(
     """
     axis = check_input(input, axis)
     check_options(momentum, eps)
-    channels = input.shape[axis]
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_tensor(name, tensor, channels)
-    _check_channel_tensor("weight", weight, channels)
-    _check_channel_tensor("bias", bias, channels)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
+    check_channel_tensors(input.shape[axis], running_mean, running_var, weight, bias)
+    return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
 
+
+def normalize(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """batch_norm after its argument checks: ``axis`` non-negative, every size right.
+
+    The modules call this directly, having checked their own input.
+    """
     if not training:
         if running_mean is None:
             raise ValueError("running_mean and running_var are needed when training=False")
         return ops.evaluate(input, running_mean, running_var, weight, bias, eps, axis)
 
+    channels = input.shape[axis]
     count = input.numel() // channels if channels else 0
     if count == 1:
         raise ValueError(
@@ -109,10 +128,10 @@ def batch_norm(
             "use eval mode (model.eval()), a batch with more than one value per channel, "
             "or a normalization that does not depend on the batch (LayerNorm, GroupNorm)"
         )
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    output, mean, _invstd, var = ops.train(input, weight, bias, eps, axis)
-    if running_mean is not None and count > 1:
+    running = None
+    if running_mean is not None:
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = -1.0 if momentum is None else float(momentum)
-        ops.update(running_mean, running_var, num_batches_tracked, mean, var, count, factor)
-    return output
+        running = (running_mean, running_var, num_batches_tracked, count, factor)
+    return ops.train(input, weight, bias, eps, axis, running)

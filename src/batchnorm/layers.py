@@ -119,32 +119,33 @@ class _BatchNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        F.check_input(input, self.axis)
+        """The rank check of torch's layer of the same name (any rank 2 to 5 here)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)  # after it, self.axis indexes the input
-        if input.shape[self.axis] != self.num_features:
+        self._check_input_dim(input)
+        axis = F.check_input(input, self.axis)
+        F.check_options(self.momentum, self.eps)  # attributes a user may have changed
+        channels = self.num_features
+        if input.shape[axis] != channels:
             raise ValueError(
-                f"{type(self).__name__}(num_features={self.num_features}) expected input with "
-                f"{self.num_features} channels on axis {self.axis}, got {input.shape[self.axis]} "
+                f"{type(self).__name__}(num_features={channels}) expected input with "
+                f"{channels} channels on axis {self.axis}, got {input.shape[axis]} "
                 f"(input size {tuple(input.shape)})"
             )
-        # torch's rule: batch statistics in training, or whenever there are no running buffers
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # torch's rule: the buffers go in unless training without tracking
-        pass_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            self.axis,
-            num_batches_tracked=self.num_batches_tracked if self.training and self.track_running_stats else None,
-        )
+        training = self.training
+        weight, bias = self.weight, self.bias
+        running_mean, running_var = self.running_mean, self.running_var
+        # torch's rules: batch statistics in training or without running buffers;
+        # the buffers go in unless training without tracking
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        num_batches_tracked = self.num_batches_tracked if running_mean is not None and training else None
+        F.check_channel_tensors(channels, running_mean, running_var, weight, bias)
+        return F.normalize(
+            input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum, self.eps, axis,
+            num_batches_tracked,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if type(self).__name__ == "BatchNorm" else ""

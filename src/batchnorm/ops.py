@@ -22,6 +22,7 @@ import os
 import warnings
 
 import numba
+import numpy as np
 import torch
 
 from .buffers import pool
@@ -66,11 +67,27 @@ def _sync_threads() -> int:
     return wanted
 
 
-def _as_compute(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int) -> Tensor:
-    """A per-channel parameter as a dense numpy-ready tensor of the compute dtype."""
+_FILLED: dict[tuple, object] = {}
+
+
+def _as_compute(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int):
+    """A per-channel parameter as a dense numpy array of the compute dtype.
+
+    None (no affine weight or bias) gives a shared constant array of ``fill``;
+    the kernels only read it.
+    """
     if t is None:
-        return torch.full((channels,), fill, dtype=dtype)
-    return t.detach().to(dtype).contiguous()
+        key = (dtype, fill, channels)
+        array = _FILLED.get(key)
+        if array is None:
+            if len(_FILLED) > 256:
+                _FILLED.clear()
+            array = _FILLED[key] = torch.full((channels,), fill, dtype=dtype).numpy()
+        return array
+    t = t.detach()
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.numpy()
 
 
 def _kernel_arrays(x: Tensor, axis: int):
@@ -78,12 +95,19 @@ def _kernel_arrays(x: Tensor, axis: int):
 
     Only half-precision data (converted) and memory with gaps (copied) are not used in place.
     """
-    x = x.detach().to(reference.compute_dtype(x.dtype))
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
     view = channel_view(x, axis)
     if view is None:
         x = x.contiguous()
         view = channel_view(x, axis)
     return x, view
+
+
+def _same_view(y: Tensor, view: Tensor) -> Tensor:
+    """The (A, C, B) view of ``y``, a tensor with the shape and strides of the one ``view`` views."""
+    return y.as_strided(view.shape, view.stride())
 
 
 def _numpy_view(view: Tensor):
@@ -125,31 +149,36 @@ def _forward_train_cpu(input, weight, bias, eps, axis):
     if input.numel() == 0:
         empty = torch.full((channels,), float("nan"), dtype=stat)
         return _empty_like_view(input, input.dtype), empty, empty.clone(), empty.clone()
+    # three tensors, not views of one: a custom op's outputs must not alias
+    mean, invstd, var = (torch.empty(channels, dtype=stat) for _ in range(3))
+    y = _train_into(input, weight, bias, eps, axis, mean.numpy(), invstd.numpy(), var.numpy())
+    return y, mean, invstd, var
+
+
+def _train_into(input, weight, bias, eps, axis, mean, invstd, var) -> Tensor:
+    """The output of Algorithm 1 (non-empty input); the statistics go into the numpy arrays given."""
     threads = _sync_threads()
     x, view = _kernel_arrays(input, axis)
     y = pool.empty_like(x)
-    mean = torch.empty(channels, dtype=stat)
-    invstd = torch.empty(channels, dtype=stat)
-    var = torch.empty(channels, dtype=stat)
     x_np, channel_major = _numpy_view(view)
-    y_np, _ = _numpy_view(channel_view(y, axis))
+    y_np, _ = _numpy_view(_same_view(y, view))
+    stat = x.dtype
+    channels = view.shape[1]
     _launch(
         channel_major,
         cpu.forward_train_channels,
         cpu.forward_train_rows,
         threads,
         x_np,
-        _as_compute(weight, stat, 1.0, channels).numpy(),
-        _as_compute(bias, stat, 0.0, channels).numpy(),
+        _as_compute(weight, stat, 1.0, channels),
+        _as_compute(bias, stat, 0.0, channels),
         float(eps),
         y_np,
-        mean.numpy(),
-        invstd.numpy(),
-        var.numpy(),
+        mean,
+        invstd,
+        var,
     )
-    if y.dtype != input.dtype:
-        y = y.to(input.dtype)
-    return y, mean, invstd, var
+    return y if y.dtype == input.dtype else y.to(input.dtype)
 
 
 @forward_train.register_fake
@@ -189,15 +218,31 @@ def update_running_stats(
 @update_running_stats.register_kernel("cpu")
 def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     if running_mean.dtype in (torch.float32, torch.float64) and running_var.dtype == running_mean.dtype:
-        counter = num_batches_tracked.view(1) if num_batches_tracked is not None else torch.empty(0, dtype=torch.int64)
-        updated = cpu.update_running_stats(
-            running_mean.numpy(), running_var.numpy(), counter.numpy(), mean.numpy(), var.numpy(), count, momentum
-        )
-    else:  # half-precision buffers
-        updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
-        reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+        _update_from_arrays(running_mean, running_var, num_batches_tracked, mean.numpy(), var.numpy(), count, momentum)
+        return
+    # half-precision buffers
+    updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     if not updated:
         warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=2)
+
+
+_NO_COUNTER = np.empty(0, dtype=np.int64)
+
+
+def _update_from_arrays(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, eps=None):
+    """The update with float32/float64 running buffers and the batch statistics as numpy arrays.
+
+    With ``eps`` given, ``var`` holds 1/sqrt(var + eps) instead (torch's kernel returns that).
+    """
+    counter = num_batches_tracked.view(1).numpy() if num_batches_tracked is not None else _NO_COUNTER
+    buffers = (running_mean.numpy(), running_var.numpy(), counter)
+    if eps is None:
+        updated = cpu.update_running_stats(*buffers, mean, var, count, momentum)
+    else:
+        updated = cpu.update_running_stats_from_invstd(*buffers, mean, var, eps, count, momentum)
+    if not updated:
+        warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=3)
 
 
 @update_running_stats.register_fake
@@ -233,7 +278,7 @@ def _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
     x, view = _kernel_arrays(input, axis)
     y = pool.empty_like(x)
     x_np, channel_major = _numpy_view(view)
-    y_np, _ = _numpy_view(channel_view(y, axis))
+    y_np, _ = _numpy_view(_same_view(y, view))
     stat = x.dtype
     _launch(
         channel_major,
@@ -241,10 +286,10 @@ def _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
         cpu.forward_eval_rows,
         threads,
         x_np,
-        _as_compute(running_mean, stat, 0.0, channels).numpy(),
-        _as_compute(running_var, stat, 1.0, channels).numpy(),
-        _as_compute(weight, stat, 1.0, channels).numpy(),
-        _as_compute(bias, stat, 0.0, channels).numpy(),
+        _as_compute(running_mean, stat, 0.0, channels),
+        _as_compute(running_var, stat, 1.0, channels),
+        _as_compute(weight, stat, 1.0, channels),
+        _as_compute(bias, stat, 0.0, channels),
         float(eps),
         y_np,
     )
@@ -298,10 +343,10 @@ def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, inpu
     if dy.stride() != x.stride():  # the kernels walk dy and x in the same order
         dy = torch.empty_like(x).copy_(dy)
     x_np, channel_major = _numpy_view(view)
-    dy_np, _ = _numpy_view(channel_view(dy, axis))
+    dy_np, _ = _numpy_view(_same_view(dy, view))
     if input_grad:
         dx = pool.empty_like(x)
-        dx_np, _ = _numpy_view(channel_view(dx, axis))
+        dx_np, _ = _numpy_view(_same_view(dx, view))
     else:
         dx = input.new_empty(0)
         dx_np = x_np[:0]
@@ -314,7 +359,7 @@ def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, inpu
         x_np,
         mean.to(stat).numpy(),
         invstd.to(stat).numpy(),
-        _as_compute(weight, stat, 1.0, channels).numpy(),
+        _as_compute(weight, stat, 1.0, channels),
         bool(training),
         dx_np,
         dweight.numpy(),
@@ -383,9 +428,7 @@ def _backward_forward_eval(ctx, grad_output):
     return dx, None, None, dweight, dbias, None, None
 
 
-torch.library.register_autograd(
-    "batchnorm::forward_train", _backward_forward_train, setup_context=_setup_forward_train
-)
+torch.library.register_autograd("batchnorm::forward_train", _backward_forward_train, setup_context=_setup_forward_train)
 torch.library.register_autograd("batchnorm::forward_eval", _backward_forward_eval, setup_context=_setup_forward_eval)
 
 
@@ -410,17 +453,36 @@ def eager(*tensors: Tensor | None) -> bool:
 
 
 class _EagerTrain(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, eps, axis):
-        y, mean, invstd, var = _forward_train_cpu(input, weight, bias, eps, axis)
-        ctx.mark_non_differentiable(mean, invstd, var)
-        _setup_forward_train(ctx, (input, weight, bias, eps, axis), (y, mean, invstd, var))
-        ctx.backward_kernel = _backward_cpu
-        return y, mean, invstd, var
+    """forward_train and the running update in one call. Only the output is returned;
+    the statistics, one (3, C) tensor of mean, invstd and var, stay on ctx for the backward."""
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_var):
-        return _backward_forward_train(ctx, grad_output, None, None, None)
+    def forward(ctx, input, weight, bias, eps, axis, running):
+        if _forked_child or input.numel() == 0:
+            y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
+            stats = torch.stack(stats)
+        else:
+            stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
+            mean, invstd, var = stats.numpy()
+            y = _train_into(input, weight, bias, eps, axis, mean, invstd, var)
+        if running is not None:
+            running_mean, running_var = running[:2]
+            if running_mean.dtype == running_var.dtype == stats.dtype:
+                _update_from_arrays(*running[:3], stats[0].numpy(), stats[2].numpy(), *running[3:])
+            else:
+                _update_running_stats_cpu(*running[:3], stats[0], stats[2], *running[3:])
+        ctx.save_for_backward(input, weight)
+        ctx.stats = stats
+        ctx.eps, ctx.axis = eps, axis
+        ctx.backward_kernel = _backward_cpu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        mean, invstd = ctx.stats[0], ctx.stats[1]
+        dx, dweight, dbias = _gradients(ctx, ctx.needs_input_grad[:3], grad_output, input, mean, invstd, weight, True)
+        return dx, dweight, dbias, None, None, None
 
 
 class _EagerEval(torch.autograd.Function):
@@ -446,16 +508,30 @@ def _small(input: Tensor, axis: int) -> bool:
     return axis == 1 and 0 < input.numel() <= SMALL_INPUT and input.dtype in (torch.float32, torch.float64)
 
 
-def train(input, weight, bias, eps, axis):
-    """forward_train, through the op or, in plain eager CPU mode, directly."""
-    if eager(input, weight, bias):
+def train(input, weight, bias, eps, axis, running=None):
+    """forward_train, then the running update when ``running`` is given, as
+    (running_mean, running_var, num_batches_tracked, count, momentum); returns the output.
+
+    Through the ops, or in plain eager CPU mode directly. No update for an empty batch.
+    """
+    if running is not None and running[3] < 2:
+        running = None
+    if eager(input, weight, bias, *(running[:3] if running is not None else ())):
         if _small(input, axis):
             y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
-            # the biased variance back from 1/sqrt(var + eps), in float64
-            var = (invstd.double().pow(-2) - eps).clamp_min(0).to(mean.dtype)
-            return y, mean, invstd, var
-        return _EagerTrain.apply(input, weight, bias, eps, axis)
-    return forward_train(input, weight, bias, eps, axis)
+            if running is not None:
+                running_mean, running_var = running[:2]
+                if running_mean.dtype == running_var.dtype == mean.dtype:
+                    _update_from_arrays(*running[:3], mean.numpy(), invstd.numpy(), *running[3:], eps=float(eps))
+                else:
+                    var = (invstd.double().pow(-2) - eps).clamp_min(0).to(mean.dtype)
+                    _update_running_stats_cpu(*running[:3], mean, var, *running[3:])
+            return y
+        return _EagerTrain.apply(input, weight, bias, eps, axis, running)
+    y, mean, _invstd, var = forward_train(input, weight, bias, eps, axis)
+    if running is not None:
+        update_running_stats(*running[:3], mean, var, *running[3:])
+    return y
 
 
 def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
@@ -465,11 +541,3 @@ def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
         return _EagerEval.apply(input, running_mean, running_var, weight, bias, eps, axis)
     return forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
-
-
-def update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    """update_running_stats, through the op or, in plain eager CPU mode, directly."""
-    if eager(running_mean, running_var, num_batches_tracked, mean, var):
-        _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-    else:
-        update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)

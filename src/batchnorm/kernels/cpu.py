@@ -304,3 +304,18 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
         running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
         running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * correction)
     return True
+
+
+@njit(**_serial)
+def update_running_stats_from_invstd(running_mean, running_var, num_batches_tracked, mean, invstd, eps, m, momentum):
+    """update_running_stats with the biased var recovered as 1/invstd^2 - eps, in float64.
+
+    For statistics that come as (mean, 1/sqrt(var + eps)), as torch's kernel returns them;
+    the recovered var is off by about 1e-7 * (1 + eps/var) relative in float32.
+    """
+    C = mean.shape[0]
+    var = np.empty(C)
+    for c in range(C):
+        inv = np.float64(invstd[c])
+        var[c] = max(1.0 / (inv * inv) - eps, 0.0)
+    return update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum)
