@@ -38,3 +38,39 @@ def test_bad_shape(capsys):
         cli.main(["bench", "--shape", "64,x"])
     assert error.value.code == 2
     assert "--shape must be comma-separated integers like 64,64,32,32, got '64,x'" in capsys.readouterr().err
+
+
+def test_bench_reports_the_mlp_training_step(capsys):
+    assert cli.main(["bench", "--shape", "128,16,40", "--repeat", "1", "--no-compile", "--no-interleaved"]) == 0
+    text = capsys.readouterr().out
+    match = re.search(
+        r"- batchnorm ([\d.]+), torch.nn.BatchNorm1d ([\d.]+) \(([\d.]+)x\), no batch norm ([\d.]+)", text
+    )
+    assert match, text
+    ours, theirs, ratio, _none = map(float, match.groups())
+    assert ratio == pytest.approx(theirs / ours, abs=0.006)
+
+
+def test_train_command_writes_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--steps", "20", "--eval-every", "10", "--batch-size", "30", "--out", str(out)])
+    assert code == 0
+    assert re.search(r"run: step 20, test accuracy 0\.\d{4} \(best 0\.\d{4}\)", capsys.readouterr().out)
+    assert (out / "metrics.json").exists() and len((out / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_train_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as error:
+        cli.main(["train", "--optimizer", "lbfgs"])
+    assert error.value.code == 2
+    assert "argument --optimizer: invalid choice: 'lbfgs'" in capsys.readouterr().err
+    assert cli.main(["train", "--batch-size", "1"]) == 2
+    assert "batch norm needs batch_size >= 2 in training, got batch_size=1" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "npz:/no/such.npz"]) == 2
+    assert "/no/such.npz: file not found" in capsys.readouterr().err
+
+
+def test_train_help():
+    result = subprocess.run([sys.executable, "-m", "batchnorm.cli", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "--resume" in result.stdout and "csv:PATH[:LABEL]" in result.stdout

@@ -39,7 +39,8 @@ def _unchanged(module, state):
         (
             lambda: torch.ones(2, 3, 2, 2, dtype=torch.int64),
             TypeError,
-            "input must have a floating-point dtype (float16, bfloat16, float32 or float64), got input.dtype=torch.int64",
+            "input must have a floating-point dtype (float16, bfloat16, float32 or float64), "
+            "got input.dtype=torch.int64",
         ),
         (
             lambda: torch.ones(2, 3, 2, 2, dtype=torch.complex64),

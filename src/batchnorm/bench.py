@@ -137,6 +137,33 @@ def interleaved(repeat: int) -> dict[str, float]:
         }
 
 
+def mlp_training_step(repeat: int) -> dict[str, float]:
+    """One SGD step of the paper's MLP (784-100-100-100-10, sigmoid, BN before each activation,
+    batch 60) with this project's batch norm, with torch's, and without; interleaved rounds."""
+    from .lab.models import mlp
+
+    x = torch.rand(60, 784)
+    y = torch.randint(0, 10, (60,))
+    steps = {}
+    for norm in ("bn", "torch", "none"):
+        torch.manual_seed(0)
+        model = mlp(784, 10, norm=norm)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, optimizer=optimizer):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[norm] = step
+    samples: dict[str, list[float]] = {norm: [] for norm in steps}
+    for _ in range(max(repeat, 5)):  # rounds alternate the three, so drift hits all alike
+        for norm, step in steps.items():
+            samples[norm].append(median_time(step, 10, warmup=2))
+    return {norm: statistics.median(values) for norm, values in samples.items()}
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
@@ -163,7 +190,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
 
 
-def report(rows: list[Row], bandwidth: float, copy_bytes: int, mixed: dict[str, float] | None) -> str:
+def report(
+    rows: list[Row],
+    bandwidth: float,
+    copy_bytes: int,
+    mixed: dict[str, float] | None,
+    mlp_step: dict[str, float] | None = None,
+) -> str:
     lines = [f"Machine: {machine()}", ""]
     lines.append(f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s")
     lines.append("")
@@ -202,6 +235,16 @@ def report(rows: list[Row], bandwidth: float, copy_bytes: int, mixed: dict[str, 
             f"- batch norm inside the sequence: ours {_ms(mixed['conv, batchnorm, conv'] - mixed['conv, conv'])}, "
             f"torch {_ms(mixed['conv, torch BN, conv'] - mixed['conv, conv'])}"
         )
+    if mlp_step:
+        lines.append("")
+        lines.append(
+            "Training step of the paper's MLP (784-100-100-100-10, sigmoid, BN before each activation, "
+            "batch 60, SGD with momentum), medians in ms:"
+        )
+        lines.append(
+            f"- batchnorm {_ms(mlp_step['bn'])}, torch.nn.BatchNorm1d {_ms(mlp_step['torch'])} "
+            f"({mlp_step['torch'] / mlp_step['bn']:.2f}x), no batch norm {_ms(mlp_step['none'])}"
+        )
     return "\n".join(lines)
 
 
@@ -210,4 +253,4 @@ def run(shapes=None, repeat: int = 20, with_compile: bool = True, with_interleav
     bandwidth, copy_bytes = copy_bandwidth(repeat)
     rows = measure(shapes, repeat, with_compile)
     mixed = interleaved(repeat) if with_interleaved else None
-    return report(rows, bandwidth, copy_bytes, mixed)
+    return report(rows, bandwidth, copy_bytes, mixed, mlp_training_step(repeat))

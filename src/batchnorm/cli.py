@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -38,7 +40,79 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves its compile time)")
     bench.add_argument("--no-interleaved", action="store_true", help="leave out the conv/BN interleaving measurement")
     bench.add_argument("--out", help="also write the report to this file")
+    _add_train(commands)
     return root
+
+
+def _default_out() -> str:
+    return time.strftime("runs/%Y%m%d-%H%M%S")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+_CHOICES = {
+    "model": ("mlp", "cnn"),
+    "activation": ("sigmoid", "relu", "tanh"),
+    "norm": ("bn", "torch", "none"),
+    "placement": ("before", "after"),
+    "optimizer": ("sgd", "adam", "rmsprop"),
+}
+_HELP = {
+    "data": "mnist1d (default, generated), digits, mnist:DIR (IDX files), csv:PATH[:LABEL], npz:PATH",
+    "norm": "bn: this project's layers, torch: torch.nn's, none",
+    "placement": "batch norm before or after the activation (MLP)",
+    "bn_momentum": "weight of the new batch in the running averages; none: cumulative average",
+    "checkpoint_every": "write OUT/checkpoint.pt every this many steps (a multiple of --eval-every; 0: never)",
+    "train_eval_size": "training examples evaluated for the train accuracy",
+}
+
+
+def _add_train(commands) -> None:
+    from .lab.train import Config
+
+    train = commands.add_parser(
+        "train",
+        help="train one configuration on any dataset",
+        description="Train one network; metrics.json, metrics.csv (and checkpoint.pt) go to --out.",
+    )
+    for spec in dataclasses.fields(Config):
+        default = spec.default
+        kind = _optional_float if spec.name == "bn_momentum" else type(default)
+        train.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            type=_positive if kind is int and spec.name not in ("seed", "checkpoint_every") else kind,
+            default=default,
+            choices=_CHOICES.get(spec.name),
+            help=f"{_HELP.get(spec.name, '')} (default: {default})".strip(),
+        )
+    train.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+
+def _train(args) -> int:
+    from .lab import train
+    from .lab.data import DataError
+
+    values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(train.Config)}
+    try:
+        config = train.Config(**values)
+    except ValueError as error:
+        print(f"batchnorm train: error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or _default_out()
+    try:
+        run = train.train(config, out=out, resume=args.resume, log=None if sys.stderr.isatty() else print)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"batchnorm train: error: {error}", file=sys.stderr)
+        return 2
+    final = run.final
+    print(
+        f"{out}: step {final['step']}, test accuracy {final['test_accuracy']:.4f} "
+        f"(best {run.best():.4f}), train accuracy {final['train_accuracy']:.4f}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with open(args.out, "w") as handle:
                 handle.write(text + "\n")
+        return 0
+    if args.command == "train":
+        return _train(args)
     return 0
 
 

@@ -1,0 +1,130 @@
+"""The lab's networks: the paper's MLP and a small CNN, with or without batch norm.
+
+``norm`` picks the normalization: "bn" (this project's layers), "torch" (torch.nn's,
+for comparison) or "none". In the MLP, "before" puts batch norm between the linear
+map and the activation, as the paper does (x -> BN(Wx) -> f); "after" puts it after
+the activation (x -> f(Wx + b) -> BN).
+
+Every hidden block ends in a ``Probe``, an identity placed on the input of the
+activation, so that experiments can read the distribution a sigmoid sees (the paper's
+Figure 1 b, c) with a forward hook.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .. import layers
+
+__all__ = ["ACTIVATIONS", "NORMS", "Probe", "cnn", "mlp", "paper_init"]
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+NORMS = ("bn", "torch", "none")
+INIT_STD = 0.1  # the paper: "small random Gaussian values"; it gives no number
+
+
+class Probe(nn.Identity):
+    """Marks the input of an activation; register a forward hook on it to record it."""
+
+
+def _norm(kind: str, features: int, rank: int, momentum: float | None) -> nn.Module:
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got norm={kind!r}")
+    if kind == "bn":
+        return (layers.BatchNorm1d if rank == 1 else layers.BatchNorm2d)(features, momentum=momentum)
+    return (nn.BatchNorm1d if rank == 1 else nn.BatchNorm2d)(features, momentum=momentum)
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got activation={name!r}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(
+    in_features: int,
+    num_classes: int = 10,
+    *,
+    depth: int = 3,
+    width: int = 100,
+    activation: str = "sigmoid",
+    norm: str = "bn",
+    placement: str = "before",
+    dropout: float = 0.0,
+    bn_momentum: float | None = 0.1,
+) -> nn.Sequential:
+    """Flatten, ``depth`` hidden layers of ``width`` units, a linear output (the paper: 3 x 100, sigmoid)."""
+    if placement not in ("before", "after"):
+        raise ValueError(f"placement must be 'before' or 'after', got placement={placement!r}")
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be positive, got depth={depth}, width={width}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got dropout={dropout}")
+    blocks: list[nn.Module] = [nn.Flatten()]
+    features = in_features
+    for _ in range(depth):
+        with_norm = norm != "none"
+        # before the activation, BN's beta replaces the linear bias
+        blocks.append(nn.Linear(features, width, bias=not (with_norm and placement == "before")))
+        if with_norm and placement == "before":
+            blocks.append(_norm(norm, width, 1, bn_momentum))
+        blocks += [Probe(), _activation(activation)]
+        if with_norm and placement == "after":
+            blocks.append(_norm(norm, width, 1, bn_momentum))
+        if dropout:
+            blocks.append(nn.Dropout(dropout))
+        features = width
+    blocks.append(nn.Linear(features, num_classes))
+    model = nn.Sequential(*blocks)
+    paper_init(model)
+    return model
+
+
+def cnn(
+    example_shape: tuple[int, ...],
+    num_classes: int = 10,
+    *,
+    channels: tuple[int, ...] = (32, 64),
+    activation: str = "relu",
+    norm: str = "bn",
+    bn_momentum: float | None = 0.1,
+) -> nn.Sequential:
+    """Convolutions with batch norm after each: Conv1d for (L,) or (C, L) signals, Conv2d for (C, H, W) images.
+
+    Each block is conv (3 wide, no bias when normalized) -> BN -> activation -> max-pool by 2;
+    then global average pooling and a linear output.
+    """
+    signal = len(example_shape) == 1  # (L,): seen as one channel
+    if signal:
+        example_shape = (1, *example_shape)
+    if len(example_shape) not in (2, 3):
+        raise ValueError(f"cnn needs (L,), (C, L) or (C, H, W) examples, got shape {example_shape}")
+    rank = len(example_shape) - 1
+    conv = nn.Conv1d if rank == 1 else nn.Conv2d
+    pool = nn.MaxPool1d if rank == 1 else nn.MaxPool2d
+    global_pool = nn.AdaptiveAvgPool1d(1) if rank == 1 else nn.AdaptiveAvgPool2d(1)
+    blocks: list[nn.Module] = [nn.Unflatten(1, example_shape)] if signal else []
+    features = example_shape[0]
+    for out in channels:
+        blocks.append(conv(features, out, 3, padding=1, bias=norm == "none"))
+        if norm != "none":
+            blocks.append(_norm(norm, out, 2 if rank == 2 else 1, bn_momentum))
+        blocks += [Probe(), _activation(activation), pool(2)]
+        features = out
+    blocks += [global_pool, nn.Flatten(), nn.Linear(features, num_classes)]
+    return nn.Sequential(*blocks)
+
+
+def paper_init(model: nn.Module, std: float = INIT_STD) -> None:
+    """Linear weights from N(0, std^2), biases 0 (the paper's "small random Gaussian values")."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())

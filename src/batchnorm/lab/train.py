@@ -1,0 +1,288 @@
+"""Training one configuration: deterministic, evaluated every k steps, resumable.
+
+Batches: epoch e is a permutation of the training set drawn from a generator seeded
+with (seed, e), so a run needs no sampler state to resume; dropout draws from
+torch's global generator, whose state goes into every checkpoint.
+
+Every ``eval_every`` steps, in eval mode: test loss and accuracy on the whole test
+set, accuracy on the first ``train_eval_size`` training examples, and the 15th,
+50th and 85th percentiles over the test set of the input to one activation of the
+last hidden layer (unit 0 of the last ``Probe``; the paper's Figure 1 b, c).
+
+Every ``checkpoint_every`` steps (a multiple of ``eval_every``) the model, the
+optimizer, the random state and the metrics so far are written atomically to
+``OUT/checkpoint.pt``; ``resume=True`` continues from it and ends with exactly the
+numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as data_module
+from . import models
+
+__all__ = ["Config", "Run", "evaluate", "train"]
+
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: str = "mnist1d"
+    model: str = "mlp"  # mlp or cnn
+    activation: str = "sigmoid"
+    norm: str = "bn"  # bn, torch or none
+    placement: str = "before"  # before or after the activation (MLP)
+    dropout: float = 0.0
+    depth: int = 3
+    width: int = 100
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9  # SGD momentum
+    batch_size: int = 60
+    steps: int = 2000
+    eval_every: int = 100
+    checkpoint_every: int = 0  # 0: no checkpoints
+    seed: int = 0
+    bn_momentum: float | None = 0.1
+    train_eval_size: int = 1000
+
+    def __post_init__(self) -> None:
+        positive = ("depth", "width", "batch_size", "steps", "eval_every", "train_eval_size")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if self.model not in ("mlp", "cnn"):
+            raise ValueError(f"model must be 'mlp' or 'cnn', got model={self.model!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got lr={self.lr!r}")
+        if self.batch_size < 2 and self.norm != "none":
+            raise ValueError(f"batch norm needs batch_size >= 2 in training, got batch_size={self.batch_size}")
+        if self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every:
+            raise ValueError(
+                f"checkpoint_every must be 0 or a multiple of eval_every={self.eval_every}, "
+                f"got checkpoint_every={self.checkpoint_every}"
+            )
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Run:
+    config: Config
+    model: nn.Module
+    metrics: list[dict] = field(default_factory=list)  # one record per evaluation
+
+    @property
+    def final(self) -> dict:
+        return self.metrics[-1]
+
+    def best(self, key: str = "test_accuracy") -> float:
+        return max(record[key] for record in self.metrics)
+
+
+def build_model(config: Config, dataset: data_module.Dataset) -> nn.Module:
+    if config.model == "mlp":
+        return models.mlp(
+            dataset.num_features,
+            dataset.num_classes,
+            depth=config.depth,
+            width=config.width,
+            activation=config.activation,
+            norm=config.norm,
+            placement=config.placement,
+            dropout=config.dropout,
+            bn_momentum=config.bn_momentum,
+        )
+    return models.cnn(
+        dataset.example_shape,
+        dataset.num_classes,
+        activation=config.activation if config.activation != "sigmoid" else "relu",
+        norm=config.norm,
+        bn_momentum=config.bn_momentum,
+    )
+
+
+def _optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    return torch.optim.RMSprop(model.parameters(), lr=config.lr)
+
+
+def _epoch_order(config: Config, epoch: int, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def batch_indices(config: Config, step: int, n: int) -> torch.Tensor:
+    """The training examples of ``step`` (0-based); each epoch drops its last incomplete batch."""
+    per_epoch = max(n // config.batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    start = position * config.batch_size
+    return _epoch_order(config, epoch, n)[start : start + config.batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in its current mode."""
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch):
+        logits = model(x[start : start + batch])
+        target = y[start : start + batch]
+        loss += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    return loss / len(y), correct / len(y)
+
+
+@torch.no_grad()
+def probe_percentiles(model: nn.Module, x: torch.Tensor, unit: int = 0) -> tuple[float, float, float]:
+    """15th, 50th and 85th percentiles over ``x`` of unit ``unit`` at the last Probe (eval mode)."""
+    probes = [m for m in model.modules() if isinstance(m, models.Probe)]
+    if not probes:
+        return (float("nan"),) * 3
+    seen = []
+    handle = probes[-1].register_forward_hook(lambda _m, _i, out: seen.append(out[:, unit].flatten()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    q = torch.quantile(torch.cat(seen).double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+    return tuple(float(v) for v in q)
+
+
+def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step: int, train_loss: float) -> dict:
+    was_training = model.training
+    model.eval()
+    test_loss, test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
+    k = min(config.train_eval_size, len(dataset.y_train))
+    _, train_accuracy = evaluate(model, dataset.x_train[:k], dataset.y_train[:k])
+    p15, p50, p85 = probe_percentiles(model, dataset.x_test)
+    model.train(was_training)
+    return {
+        "step": step,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "train_accuracy": train_accuracy,
+        "probe_p15": p15,
+        "probe_p50": p50,
+        "probe_p85": p85,
+    }
+
+
+def _save_atomically(obj, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_metrics(run: Run, out: str) -> None:
+    """metrics.json (configuration and records) and metrics.csv (the records) in ``out``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump({"config": dataclasses.asdict(run.config), "metrics": run.metrics}, handle, indent=1)
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(run.metrics[0]) if run.metrics else ["step"])
+        writer.writeheader()
+        writer.writerows(run.metrics)
+
+
+def train(
+    config: Config,
+    dataset: data_module.Dataset | None = None,
+    out: str | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress: bool | None = None,
+) -> Run:
+    """Train one configuration; with ``out``, write metrics (and checkpoints when asked) there.
+
+    ``progress``: a tqdm bar (default: when stderr is a terminal); ``log``: called with
+    one plain line per evaluation.
+    """
+    dataset = dataset if dataset is not None else data_module.load(config.data)
+    torch.manual_seed(config.seed)
+    model = build_model(config, dataset)
+    optimizer = _optimizer(config, model)
+    run = Run(config, model)
+    step = 0
+    checkpoint = os.path.join(out, "checkpoint.pt") if out else None
+    if resume:
+        if checkpoint is None or not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != dataclasses.asdict(config):
+            raise ValueError(f"resume: {checkpoint} was written with another configuration: {state['config']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        run.metrics = state["metrics"]
+        step = state["step"]
+    if out:
+        os.makedirs(out, exist_ok=True)
+
+    n = len(dataset.y_train)
+    loss_sum, loss_count = 0.0, 0
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=config.steps, initial=step, disable=not show, desc=f"{config.norm} {config.activation}")
+    model.train()
+    while step < config.steps:
+        index = batch_indices(config, step, n)
+        logits = model(dataset.x_train[index])
+        loss = nn.functional.cross_entropy(logits, dataset.y_train[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item()
+        loss_count += 1
+        step += 1
+        bar.update(1)
+        if step % config.eval_every == 0 or step == config.steps:
+            record = _record(model, dataset, config, step, loss_sum / loss_count)
+            run.metrics.append(record)
+            loss_sum, loss_count = 0.0, 0
+            bar.set_postfix(test_accuracy=f"{record['test_accuracy']:.3f}")
+            if checkpoint and config.checkpoint_every and step % config.checkpoint_every == 0:
+                state = {
+                    "config": dataclasses.asdict(config),
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "metrics": run.metrics,
+                }
+                _save_atomically(state, checkpoint)
+            if log:
+                log(
+                    f"step {step}/{config.steps}: train loss {record['train_loss']:.4f}, "
+                    f"test loss {record['test_loss']:.4f}, test accuracy {record['test_accuracy']:.4f}"
+                )
+    bar.close()
+    if out:
+        write_metrics(run, out)
+    return run

@@ -1,0 +1,118 @@
+"""The lab's models and training loop: structure, agreement with torch's layers, determinism, resume."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.lab import data, models, train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small slice of MNIST-1D, enough for a few dozen steps."""
+    full = data.mnist1d()
+    return data.Dataset("mnist1d-tiny", full.x_train[:600], full.y_train[:600], full.x_test[:200], full.y_test[:200])
+
+
+def _kinds(model):
+    return [type(m).__name__ for m in model]
+
+
+def test_mlp_layout_and_init():
+    model = models.mlp(40, 10, activation="sigmoid", norm="bn", placement="before")
+    assert _kinds(model) == ["Flatten"] + ["Linear", "BatchNorm1d", "Probe", "Sigmoid"] * 3 + ["Linear"]
+    assert all(isinstance(m, batchnorm.BatchNorm1d) for m in model if type(m).__name__ == "BatchNorm1d")
+    assert model[1].bias is None  # BN's beta replaces the bias before it
+    after = models.mlp(40, 10, activation="relu", norm="torch", placement="after", dropout=0.2, depth=2, width=7)
+    assert _kinds(after) == ["Flatten"] + ["Linear", "Probe", "ReLU", "BatchNorm1d", "Dropout"] * 2 + ["Linear"]
+    assert isinstance(after[4], nn.BatchNorm1d) and after[1].out_features == 7
+    plain = models.mlp(784, 10, norm="none")
+    weights = torch.cat([m.weight.flatten() for m in plain if isinstance(m, nn.Linear)])
+    assert abs(weights.std().item() - models.INIT_STD) < 0.002 and abs(weights.mean().item()) < 0.002
+    with pytest.raises(ValueError, match="placement must be 'before' or 'after', got placement='middle'"):
+        models.mlp(4, placement="middle")
+    with pytest.raises(ValueError, match=r"norm must be one of \('bn', 'torch', 'none'\), got norm='ln'"):
+        models.mlp(4, norm="ln")
+
+
+@pytest.mark.parametrize("shape", [(40,), (2, 40), (1, 8, 8)])
+def test_cnn_shapes(shape):
+    model = models.cnn(shape, 10)
+    out = model(torch.randn(5, *shape))
+    assert out.shape == (5, 10)
+    norms = [m for m in model.modules() if isinstance(m, batchnorm.layers._BatchNorm)]
+    assert len(norms) == 2
+    assert isinstance(norms[0], batchnorm.BatchNorm2d if len(shape) == 3 else batchnorm.BatchNorm1d)
+
+
+def test_ours_and_torch_train_the_same_network(tiny):
+    """Same seed, same batches: this project's BN and torch's give the same training run."""
+    config = train.Config(steps=40, eval_every=20, lr=0.5, batch_size=30)
+    ours = train.train(config, tiny, progress=False)
+    theirs = train.train(config.replace(norm="torch"), tiny, progress=False)
+    for a, b in zip(ours.metrics, theirs.metrics, strict=True):
+        for key in ("train_loss", "test_loss", "probe_p50"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    bn_ours = [m for m in ours.model if isinstance(m, batchnorm.BatchNorm1d)]
+    bn_theirs = [m for m in theirs.model if isinstance(m, nn.BatchNorm1d)]
+    for a, b in zip(bn_ours, bn_theirs, strict=True):
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5)
+        assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 40
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop"])
+def test_deterministic_and_learning(tiny, optimizer):
+    lr = {"sgd": 0.5, "adam": 0.01, "rmsprop": 0.01}[optimizer]
+    config = train.Config(optimizer=optimizer, lr=lr, steps=60, eval_every=30, activation="relu", dropout=0.1)
+    first = train.train(config, tiny, progress=False)
+    second = train.train(config, tiny, progress=False)
+    assert first.metrics == second.metrics
+    assert first.final["train_loss"] < first.metrics[0]["train_loss"] or first.final["test_accuracy"] > 0.2
+
+
+def test_resume_ends_with_the_uninterrupted_numbers(tiny, tmp_path):
+    config = train.Config(steps=60, eval_every=10, checkpoint_every=20, dropout=0.2, activation="relu", seed=3)
+    whole = train.train(config, tiny, out=str(tmp_path / "whole"), progress=False)
+
+    def stop_after_40(line):
+        if line.startswith("step 40/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config, tiny, out=str(tmp_path / "cut"), log=stop_after_40, progress=False)
+    assert not os.path.exists(tmp_path / "cut" / "metrics.json")
+    assert [f for f in os.listdir(tmp_path / "cut") if f.endswith(".tmp")] == []
+    resumed = train.train(config, tiny, out=str(tmp_path / "cut"), resume=True, progress=False)
+    assert resumed.metrics == whole.metrics
+    for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with open(tmp_path / "cut" / "metrics.json") as handle:
+        written = json.load(handle)
+    assert written["config"]["seed"] == 3 and written["metrics"][-1]["step"] == 60
+    lines = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,train_loss,test_loss,test_accuracy") and len(lines) == 7
+    with pytest.raises(ValueError, match="resume: .* was written with another configuration"):
+        train.train(config.replace(seed=4), tiny, out=str(tmp_path / "cut"), resume=True, progress=False)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got batch_size=0"):
+        train.Config(batch_size=0)
+    with pytest.raises(ValueError, match="batch norm needs batch_size >= 2 in training, got batch_size=1"):
+        train.Config(batch_size=1)
+    with pytest.raises(ValueError, match="optimizer must be one of .*got optimizer='lbfgs'"):
+        train.Config(optimizer="lbfgs")
+    with pytest.raises(
+        ValueError, match="checkpoint_every must be 0 or a multiple of eval_every=100, got checkpoint_every=150"
+    ):
+        train.Config(checkpoint_every=150)
+
+
+def test_probe_percentiles_follow_the_data():
+    model = nn.Sequential(models.Probe())
+    x = torch.arange(101, dtype=torch.float32)[:, None]
+    assert train.probe_percentiles(model, x) == pytest.approx((15.0, 50.0, 85.0))
