@@ -74,3 +74,23 @@ def test_train_help():
     result = subprocess.run([sys.executable, "-m", "batchnorm.cli", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "--resume" in result.stdout and "csv:PATH[:LABEL]" in result.stdout
+
+
+def test_experiment_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "placement"
+    assert cli.main(["experiment", "placement", "--scale", "tiny", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"placement +(holds|does not hold|inconclusive) +best test accuracy", text)
+    assert (out / "report.html").exists() and (out / "placement-1.png").exists()
+
+
+def test_lab_commands_help_and_bad_name(capsys):
+    for command in ("reproduce", "experiment"):
+        result = subprocess.run(
+            [sys.executable, "-m", "batchnorm.cli", command, "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "--full" in result.stdout and "--seed" in result.stdout
+    with pytest.raises(SystemExit) as error:
+        cli.main(["experiment", "fig2"])
+    assert error.value.code == 2
+    assert "argument name: invalid choice: 'fig2'" in capsys.readouterr().err

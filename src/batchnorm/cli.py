@@ -41,7 +41,52 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-interleaved", action="store_true", help="leave out the conv/BN interleaving measurement")
     bench.add_argument("--out", help="also write the report to this file")
     _add_train(commands)
+    _add_lab(commands)
     return root
+
+
+def _lab_options(command) -> None:
+    command.add_argument("--full", action="store_true", help="the paper's scale: 50,000 steps of batch 60, 3 seeds")
+    command.add_argument("--scale", choices=("tiny", "quick", "full"), help=argparse.SUPPRESS)
+    command.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+    command.add_argument("--seed", type=int, default=0, help="first seed; the others follow it (default: 0)")
+    command.add_argument("--data", default="mnist1d", help=_HELP["data"] + " (default: mnist1d)")
+
+
+def _add_lab(commands) -> None:
+    from .lab.experiments import EXPERIMENTS
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="run all seven experiments and write report.html",
+        description="Train networks with and without batch norm, test each claim, and write report.html, "
+        "the figures and metrics.json (quick scale: a few minutes on 2 cores).",
+    )
+    _lab_options(reproduce)
+    experiment = commands.add_parser(
+        "experiment", help="run one experiment", description="Run one experiment and write its report."
+    )
+    experiment.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
+    _lab_options(experiment)
+
+
+def _lab(args) -> int:
+    from .lab import report
+    from .lab.data import DataError
+
+    names = list(report.EXPERIMENTS) if args.command == "reproduce" else [args.name]
+    scale = args.scale or ("full" if args.full else "quick")
+    out = args.out or _default_out()
+    command = " ".join(["batchnorm", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("batchnorm") else ""
+    try:
+        results, path = report.reproduce(names, scale, out, args.data, args.seed, log=print, command=command)
+    except (DataError, ValueError) as error:
+        print(f"batchnorm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(report.summary(results))
+    print(f"\nreport: {path}")
+    return 0
 
 
 def _default_out() -> str:
@@ -128,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _train(args)
-    return 0
+    return _lab(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""The seven experiments end to end at a tiny scale, the report, and the pieces the verdicts rest on."""
+
+import base64
+import json
+import re
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.lab import experiments, report
+from batchnorm.lab.train import Config, Run
+
+VERDICTS = {experiments.HOLDS, experiments.FAILS, experiments.UNSURE}
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    results, path = report.reproduce(list(experiments.EXPERIMENTS), scale="tiny", out=str(out), log=None)
+    return results, path, out
+
+
+def test_every_experiment_fills_its_tables(reproduced):
+    results, _, _ = reproduced
+    assert [r.name for r in results] == list(experiments.EXPERIMENTS)
+    for result in results:
+        assert result.claims, result.name
+        for claim in result.claims:
+            assert claim.verdict in VERDICTS
+            assert re.search(r"\d\.\d{2}", claim.measured), claim.measured  # numbers, not prose
+            assert claim.rule.startswith("holds if")
+        assert result.rows and all(len(row) == len(result.columns) for row in result.rows)
+        assert all(cell.strip() for row in result.rows for cell in row)
+        assert result.figures and all(png.startswith(b"\x89PNG") for png in result.figures.values())
+
+
+def test_report_html_and_files(reproduced):
+    results, path, out = reproduced
+    page = open(path, encoding="utf-8").read()
+    for result in results:
+        assert f"<h2 id='{result.name}'>" in page
+        for claim in result.claims:
+            assert claim.verdict in page
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == sum(len(r.figures) for r in results)
+    assert base64.b64decode(images[0]).startswith(b"\x89PNG")
+    assert "torch" in page and "git commit" in page and "tiny" in page
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "fig1-1.png" in pngs and "fig1-2.png" in pngs and len(pngs) == len(images)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["experiments"]) == set(experiments.EXPERIMENTS)
+    runs = metrics["experiments"]["fig1"]["runs"]["with batch norm"]
+    assert len(runs) == experiments.SCALES["tiny"].seeds and runs[0][-1]["step"] == experiments.SCALES["tiny"].steps
+    text = report.summary(results)
+    assert len(text.splitlines()) == 1 + sum(len(r.claims) for r in results)
+
+
+def test_identical_configurations_train_once():
+    lab = experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset())
+    first = lab.runs(norm="bn")
+    again = lab.runs(norm="bn")
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert [r.config.seed for r in first] == [0, 1]
+
+
+def _tiny_dataset():
+    from batchnorm.lab import data
+
+    full = data.mnist1d()
+    return data.Dataset("tiny", full.x_train[:300], full.y_train[:300], full.x_test[:100], full.y_test[:100])
+
+
+def _run(accuracies, percentiles=None):
+    records = []
+    for i, accuracy in enumerate(accuracies):
+        p = percentiles[i] if percentiles else (0.0, 0.0, 0.0)
+        records.append(
+            {"step": 10 * (i + 1), "test_accuracy": accuracy, "probe_p15": p[0], "probe_p50": p[1], "probe_p85": p[2]}
+        )
+    return Run(Config(), None, records)
+
+
+def test_steps_to_and_drift():
+    run = _run([0.1, 0.3, 0.5, 0.4])
+    assert experiments._steps_to(run, 0.3) == 20
+    assert experiments._steps_to(run, 0.6) is None
+    assert experiments._steps_text([20, None]) == "20 (1 of 2 seeds)"
+    assert experiments._steps_text([None]) == "never"
+    # percentiles moving by 1 per evaluation with a spread of 2: travel 3 * 2 / 2
+    moving = _run([0, 0, 0], [(-1, 0, 1), (0, 1, 2), (1, 2, 3)])
+    assert experiments._drift(moving) == pytest.approx(3.0)
+
+
+def test_verdict_rule():
+    assert experiments._verdict(True, False) == "holds"
+    assert experiments._verdict(False, True) == "does not hold"
+    assert experiments._verdict(False, False) == "inconclusive"
+
+
+def test_batch_statistics_with_one_example_give_beta():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), batchnorm.BatchNorm1d(4))
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+        model[1].weight.fill_(2.0)
+    x = torch.randn(5, 3)
+    with experiments.batch_statistics(model):
+        single = model(x[:1])
+        whole = model(x)
+    torch.testing.assert_close(single, model[1].bias.detach()[None])
+    h = model[0](x).detach()
+    expected = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * 2.0 + model[1].bias.detach()
+    torch.testing.assert_close(whole, expected)
+    assert model[1].forward.__func__ is batchnorm.BatchNorm1d.forward  # restored
+
+
+def test_train_mode_accuracy_leaves_buffers_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), batchnorm.BatchNorm1d(2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracy = experiments.train_mode_accuracy(model, torch.randn(10, 3), torch.randint(0, 2, (10,)), 4)
+    assert 0.0 <= accuracy <= 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_unknown_experiment_and_scale(tmp_path):
+    with pytest.raises(ValueError, match="unknown experiment 'fig2'; choose from fig1, learning-rates"):
+        report.reproduce(["fig2"], out=str(tmp_path))
+    with pytest.raises(ValueError, match="scale must be one of tiny, quick, full, got scale='huge'"):
+        report.reproduce(["fig1"], scale="huge", out=str(tmp_path))
