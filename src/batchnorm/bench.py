@@ -122,24 +122,43 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
     return rows
 
 
+def _alternating(functions: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Medians over rounds that call each function in turn, so that drift in the machine's
+    speed hits all of them alike; each round's sample is the median of 5 calls."""
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(max(repeat, 5)):
+        for name, fn in functions.items():
+            samples[name].append(median_time(fn, 5, warmup=1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def interleaved(repeat: int) -> dict[str, float]:
-    """conv -> batch norm -> conv, so that torch's OpenMP team and Numba's alternate."""
+    """conv -> batch norm -> conv, timed call by call, so that torch's OpenMP team and Numba's
+    alternate: the batch norm after a conv, and the conv after the batch norm (does it start slower?)."""
     x = torch.randn(32, 64, 28, 28)
     conv = torch.nn.Conv2d(64, 64, 3, padding=1)
-    ours, theirs = BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+    norms = {"batchnorm": BatchNorm2d(64), "torch BN": torch.nn.BatchNorm2d(64)}
+    samples: dict[str, list[float]] = {}
     with torch.no_grad():
-        return {
-            "conv, conv": median_time(lambda: conv(conv(x)), repeat),
-            "conv, batchnorm, conv": median_time(lambda: conv(ours(conv(x))), repeat),
-            "conv, torch BN, conv": median_time(lambda: conv(theirs(conv(x))), repeat),
-            "batchnorm alone": median_time(lambda: ours(x), repeat),
-            "torch BN alone": median_time(lambda: theirs(x), repeat),
-        }
+        for round_ in range(max(repeat, 5) + 2):
+            for name, norm in norms.items():
+                start = time.perf_counter()
+                h = conv(x)
+                after_conv = time.perf_counter()
+                h = norm(h)
+                after_norm = time.perf_counter()
+                conv(h)
+                end = time.perf_counter()
+                if round_ >= 2:  # warm-up rounds
+                    samples.setdefault(f"{name} after a conv", []).append(after_norm - after_conv)
+                    samples.setdefault(f"conv after {name}", []).append(end - after_norm)
+                    samples.setdefault(f"conv before {name}", []).append(after_conv - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def mlp_training_step(repeat: int) -> dict[str, float]:
     """One SGD step of the paper's MLP (784-100-100-100-10, sigmoid, BN before each activation,
-    batch 60) with this project's batch norm, with torch's, and without; interleaved rounds."""
+    batch 60) with this project's batch norm, with torch's, and without, in alternating rounds."""
     from .lab.models import mlp
 
     x = torch.rand(60, 784)
@@ -157,11 +176,7 @@ def mlp_training_step(repeat: int) -> dict[str, float]:
             optimizer.step()
 
         steps[norm] = step
-    samples: dict[str, list[float]] = {norm: [] for norm in steps}
-    for _ in range(max(repeat, 5)):  # rounds alternate the three, so drift hits all alike
-        for norm, step in steps.items():
-            samples[norm].append(median_time(step, 10, warmup=2))
-    return {norm: statistics.median(values) for norm, values in samples.items()}
+    return _alternating(steps, repeat)
 
 
 def machine() -> str:
@@ -228,13 +243,11 @@ def report(
             )
     if mixed:
         lines.append("")
-        lines.append("Interleaved with torch ops (32x64x28x28, no grad), medians in ms:")
+        lines.append(
+            "Interleaved with torch ops: conv, batch norm, conv (32x64x28x28, no grad), each call timed, medians in ms:"
+        )
         for name, seconds in mixed.items():
             lines.append(f"- {name}: {_ms(seconds)}")
-        lines.append(
-            f"- batch norm inside the sequence: ours {_ms(mixed['conv, batchnorm, conv'] - mixed['conv, conv'])}, "
-            f"torch {_ms(mixed['conv, torch BN, conv'] - mixed['conv, conv'])}"
-        )
     if mlp_step:
         lines.append("")
         lines.append(
