@@ -97,6 +97,8 @@ def _operation(module: torch.nn.Module, x: torch.Tensor, operation: str) -> Call
 
 
 def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
+    """For each row, every implementation is called in turn, ``repeat`` rounds, so that the
+    machine's drift during the run hits all of them alike; the median over rounds."""
     rows = []
     for shape in shapes:
         rank = len(shape)
@@ -106,29 +108,29 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
         for layout in layouts:
             x = _layout(base, layout)
             for operation in OPERATIONS:
-                times = {"batchnorm": median_time(_operation(ours, x, operation), repeat)}
+                calls = {"batchnorm": _operation(ours, x, operation)}
                 if rank == 4:
-                    times["torch NCHW"] = median_time(_operation(theirs, _layout(base, "NCHW"), operation), repeat)
-                    times["torch channels_last"] = median_time(
-                        _operation(theirs, _layout(base, "channels_last"), operation), repeat
-                    )
+                    calls["torch NCHW"] = _operation(theirs, _layout(base, "NCHW"), operation)
+                    calls["torch channels_last"] = _operation(theirs, _layout(base, "channels_last"), operation)
                 else:
-                    times["torch"] = median_time(_operation(theirs, x, operation), repeat)
+                    calls["torch"] = _operation(theirs, x, operation)
                 if with_compile:
-                    compiled = torch.compile(theirs, dynamic=False)
-                    times["torch.compile"] = median_time(_operation(compiled, x, operation), repeat)
+                    calls["torch.compile"] = _operation(torch.compile(theirs, dynamic=False), x, operation)
+                rows.append(Row(shape, layout, operation, _alternating(calls, repeat, per_round=1)))
+                if with_compile:
                     torch._dynamo.reset()
-                rows.append(Row(shape, layout, operation, times))
     return rows
 
 
-def _alternating(functions: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Medians over rounds that call each function in turn, so that drift in the machine's
-    speed hits all of them alike; each round's sample is the median of 5 calls."""
+def _alternating(functions: dict[str, Callable[[], object]], repeat: int, per_round: int = 5) -> dict[str, float]:
+    """Medians over ``repeat`` rounds that call each function in turn, so that drift in the
+    machine's speed hits all of them alike; a round's sample is the median of ``per_round`` calls."""
+    for fn in functions.values():
+        median_time(fn, 1, warmup=3)
     samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(max(repeat, 5)):
         for name, fn in functions.items():
-            samples[name].append(median_time(fn, 5, warmup=1))
+            samples[name].append(median_time(fn, per_round, warmup=0))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
