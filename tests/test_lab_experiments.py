@@ -128,3 +128,16 @@ def test_unknown_experiment_and_scale(tmp_path):
         report.reproduce(["fig2"], out=str(tmp_path))
     with pytest.raises(ValueError, match="scale must be one of tiny, quick, full, got scale='huge'"):
         report.reproduce(["fig1"], scale="huge", out=str(tmp_path))
+
+
+def test_worker_processes_give_the_same_numbers(tmp_path):
+    """jobs=2 trains in forked workers with one torch thread each, as jobs=1 does in-process."""
+    names = ["fig1", "placement"]
+    serial, _ = report.reproduce(names, scale="tiny", out=str(tmp_path / "one"), log=None, jobs=1)
+    parallel, _ = report.reproduce(names, scale="tiny", out=str(tmp_path / "two"), log=None, jobs=2)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.metrics == b.metrics
+        assert a.rows == b.rows
+        assert [c.measured for c in a.claims] == [c.measured for c in b.claims]
+    with pytest.raises(ValueError, match="jobs must be a positive integer, got jobs=0"):
+        experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset(), jobs=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
@@ -51,6 +52,13 @@ def _lab_options(command) -> None:
     command.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     command.add_argument("--seed", type=int, default=0, help="first seed; the others follow it (default: 0)")
     command.add_argument("--data", default="mnist1d", help=_HELP["data"] + " (default: mnist1d)")
+    command.add_argument(
+        "--jobs",
+        type=_positive,
+        default=os.cpu_count() or 1,
+        help="runs trained side by side, one torch thread each; the numbers do not depend on it "
+        "(default: the number of cores)",
+    )
 
 
 def _add_lab(commands) -> None:
@@ -79,7 +87,9 @@ def _lab(args) -> int:
     out = args.out or _default_out()
     command = " ".join(["batchnorm", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("batchnorm") else ""
     try:
-        results, path = report.reproduce(names, scale, out, args.data, args.seed, log=print, command=command)
+        results, path = report.reproduce(
+            names, scale, out, args.data, args.seed, log=print, command=command, jobs=args.jobs
+        )
     except (DataError, ValueError) as error:
         print(f"batchnorm {args.command}: error: {error}", file=sys.stderr)
         return 2

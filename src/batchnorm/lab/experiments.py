@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import multiprocessing
 import statistics
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +27,7 @@ from .. import layers
 from ..stats import population_statistics
 from . import data as data_module
 from . import plots
-from .train import Config, Run, evaluate, train
+from .train import Config, Run, build_model, evaluate, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "Claim", "Lab", "Result", "Scale"]
 
@@ -46,8 +49,8 @@ class Scale:
 SCALES = {
     "tiny": Scale("tiny", steps=40, eval_every=20, seeds=2, batch_examples=480, batch_sizes=(2, 8, 64)),
     "quick": Scale("quick", steps=1500, eval_every=100, seeds=3, batch_examples=12_000),
-    # the paper's Figure 1: 50,000 steps of batch 60
-    "full": Scale("full", steps=50_000, eval_every=1000, seeds=3, batch_examples=600_000),
+    # the paper's Figure 1: 50,000 steps of batch 60; the batch-size runs see 60 epochs of MNIST-1D
+    "full": Scale("full", steps=50_000, eval_every=1000, seeds=3, batch_examples=240_000),
 }
 
 
@@ -71,7 +74,11 @@ class Result:
 
 
 class Lab:
-    """Trains configurations over seeds, each (configuration, seed) once."""
+    """Trains configurations over seeds, each (configuration, seed) once.
+
+    Every run trains with one torch thread, so that its numbers do not depend on how
+    many runs share the machine; ``jobs`` worker processes train runs side by side.
+    """
 
     def __init__(
         self,
@@ -80,23 +87,75 @@ class Lab:
         data: str = "mnist1d",
         seed: int = 0,
         log: Callable[[str], None] | None = None,
+        jobs: int = 1,
     ):
-        self.scale, self.dataset, self.log = scale, dataset, log
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be a positive integer, got jobs={jobs!r}")
+        self.scale, self.dataset, self.log, self.jobs = scale, dataset, log, jobs
         self.base = Config(data=data, lr=BASE_LR, steps=scale.steps, eval_every=scale.eval_every)
         self.seeds = [seed + i for i in range(scale.seeds)]
         self._done: dict[Config, Run] = {}
 
+    def _configs(self, changes: dict) -> list[Config]:
+        return [self.base.replace(seed=seed, **changes) for seed in self.seeds]
+
+    def prefetch(self, *changes: dict) -> None:
+        """Train every seed of each configuration not trained yet, ``jobs`` at a time."""
+        pending = list(dict.fromkeys(c for change in changes for c in self._configs(change) if c not in self._done))
+        if self.log:
+            for config in pending:
+                self.log(f"  train {_describe(config)}")
+        if self.jobs == 1 or len(pending) < 2:
+            for config in pending:
+                self._done[config] = _train_one_thread(config, self.dataset)
+            return
+        global _WORKER_DATASET
+        _WORKER_DATASET = self.dataset  # forked workers inherit it; nothing is pickled to them
+        context = multiprocessing.get_context("fork")
+        try:
+            with ProcessPoolExecutor(
+                min(self.jobs, len(pending)), mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool:
+                for config, packed in zip(pending, pool.map(_train_in_worker, pending), strict=True):
+                    self._done[config] = _unpack(config, packed, self.dataset)
+        finally:
+            _WORKER_DATASET = None
+
     def runs(self, **changes) -> list[Run]:
         """One run per seed of the base configuration with ``changes``."""
-        result = []
-        for seed in self.seeds:
-            config = self.base.replace(seed=seed, **changes)
-            if config not in self._done:
-                if self.log:
-                    self.log(f"  train {_describe(config)}")
-                self._done[config] = train(config, self.dataset, progress=False)
-            result.append(self._done[config])
-        return result
+        self.prefetch(changes)
+        return [self._done[config] for config in self._configs(changes)]
+
+
+def _train_one_thread(config: Config, dataset: data_module.Dataset) -> Run:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config, dataset, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_WORKER_DATASET: data_module.Dataset | None = None
+
+
+def _train_in_worker(config: Config) -> tuple[list[dict], bytes]:
+    """In a forked worker (one torch thread): the metrics and the model's state as bytes.
+
+    Bytes, not tensors: torch would pass tensors through shared memory with a parallel
+    copy, and GNU OpenMP must not start a thread team in a forked child.
+    """
+    run = train(config, _WORKER_DATASET, progress=False)
+    buffer = io.BytesIO()
+    torch.save(run.model.state_dict(), buffer)
+    return run.metrics, buffer.getvalue()
+
+
+def _unpack(config: Config, packed: tuple[list[dict], bytes], dataset: data_module.Dataset) -> Run:
+    metrics, state = packed
+    model = build_model(config, dataset)
+    model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+    return Run(config, model, metrics)  # in training mode, as train() leaves it
 
 
 def _describe(config: Config) -> str:
@@ -179,6 +238,7 @@ def _drift(run: Run) -> float:
 
 
 def fig1(lab: Lab) -> Result:
+    lab.prefetch({"norm": "bn"}, {"norm": "none"})
     named = {"with batch norm": lab.runs(norm="bn"), "without": lab.runs(norm="none")}
     with_bn, without = named["with batch norm"], named["without"]
     target = min(_final(without))  # every seed without batch norm reaches it
@@ -228,6 +288,7 @@ def fig1(lab: Lab) -> Result:
 
 def learning_rates(lab: Lab) -> Result:
     multipliers = (1, 5, 30)
+    lab.prefetch(*({"norm": norm, "lr": BASE_LR * k} for norm in ("none", "bn") for k in multipliers))
     named = {}
     for norm, label in (("none", "baseline"), ("bn", "BN")):
         for k in multipliers:
@@ -277,6 +338,7 @@ def learning_rates(lab: Lab) -> Result:
 
 def sigmoid(lab: Lab) -> Result:
     depth = lab.scale.sigmoid_depth
+    lab.prefetch(*({"norm": n, "activation": a, "depth": depth} for a in ("sigmoid", "relu") for n in ("bn", "none")))
     named = {
         f"{act}, {'with' if norm == 'bn' else 'without'} BN": lab.runs(norm=norm, activation=act, depth=depth)
         for act in ("sigmoid", "relu")
@@ -316,6 +378,9 @@ DROPOUT = 0.3
 
 
 def regularization(lab: Lab) -> Result:
+    lab.prefetch(
+        {"norm": "none"}, {"norm": "none", "dropout": DROPOUT}, {"norm": "bn"}, {"norm": "bn", "dropout": DROPOUT}
+    )
     named = {
         "neither": lab.runs(norm="none"),
         f"dropout {DROPOUT}": lab.runs(norm="none", dropout=DROPOUT),
@@ -385,10 +450,15 @@ def batch_size(lab: Lab) -> Result:
         "without batch norm": [],
     }
     rows, per_size, metrics = [], {}, {}
-    for size in sizes:
+
+    def common(size: int) -> dict:
         steps = max(lab.scale.batch_examples // size, 1)
-        common = dict(batch_size=size, steps=steps, eval_every=max(steps // 5, 1))
-        with_bn, without = lab.runs(norm="bn", **common), lab.runs(norm="none", **common)
+        return dict(batch_size=size, steps=steps, eval_every=max(steps // 5, 1))
+
+    lab.prefetch(*({"norm": norm, **common(size)} for size in sizes for norm in ("bn", "none")))
+    for size in sizes:
+        steps = common(size)["steps"]
+        with_bn, without = lab.runs(norm="bn", **common(size)), lab.runs(norm="none", **common(size))
         accuracy = _final(with_bn)
         batch_mode = [train_mode_accuracy(r.model, lab.dataset.x_test, lab.dataset.y_test, size) for r in with_bn]
         plain = _final(without)
@@ -431,6 +501,7 @@ def batch_size(lab: Lab) -> Result:
 
 
 def placement(lab: Lab) -> Result:
+    lab.prefetch({"norm": "bn"}, {"norm": "bn", "placement": "after"})
     named = {"before the activation": lab.runs(norm="bn"), "after": lab.runs(norm="bn", placement="after")}
     before, after = _best(named["before the activation"]), _best(named["after"])
     difference = abs(_mean(before) - _mean(after))
@@ -501,6 +572,7 @@ def inference_statistics(lab: Lab) -> Result:
     def add(name: str, value: float) -> None:
         methods.setdefault(name, []).append(value)
 
+    lab.prefetch(*({"norm": "bn", "bn_momentum": momentum} for momentum in (0.1, 0.01, None)))
     runs = {momentum: lab.runs(norm="bn", bn_momentum=momentum) for momentum in (0.1, 0.01, None)}
     for i in range(len(lab.seeds)):
         model = runs[0.1][i].model

@@ -174,8 +174,12 @@ def reproduce(
     seed: int = 0,
     log: Callable[[str], None] | None = print,
     command: str = "",
+    jobs: int = 1,
 ) -> tuple[list[Result], str]:
-    """Run the named experiments at ``scale`` and write the report into ``out``."""
+    """Run the named experiments at ``scale`` and write the report into ``out``.
+
+    ``jobs`` runs train side by side in worker processes; each run uses one torch thread
+    whatever ``jobs`` is, so the numbers do not depend on it."""
     unknown = [name for name in names if name not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -183,7 +187,7 @@ def reproduce(
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got scale={scale!r}")
     start = time.perf_counter()
     dataset = data_module.load(data)
-    lab = Lab(SCALES[scale], dataset, data=data, seed=seed, log=log)
+    lab = Lab(SCALES[scale], dataset, data=data, seed=seed, log=log, jobs=jobs)
     results = []
     for name in names:
         if log:
@@ -198,6 +202,7 @@ def reproduce(
         "scale_settings": dataclasses.asdict(SCALES[scale]),
         "data": data,
         "seeds": lab.seeds,
+        "jobs": jobs,
         "base": dataclasses.asdict(lab.base),
         "versions": versions(),
         "git": git_commit(),
