@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import io
+import json
 import multiprocessing
+import os
 import statistics
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +31,7 @@ from .. import layers
 from ..stats import population_statistics
 from . import data as data_module
 from . import plots
-from .train import Config, Run, build_model, evaluate, train
+from .train import Config, Run, build_model, evaluate, save_atomically, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "Claim", "Lab", "Result", "Scale"]
 
@@ -92,26 +96,39 @@ class Lab:
         seed: int = 0,
         log: Callable[[str], None] | None = None,
         jobs: int = 1,
+        store: str | None = None,
     ):
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ValueError(f"jobs must be a positive integer, got jobs={jobs!r}")
         self.scale, self.dataset, self.log, self.jobs = scale, dataset, log, jobs
         self.base = Config(data=data, lr=BASE_LR, steps=scale.steps, eval_every=scale.eval_every)
         self.seeds = [seed + i for i in range(scale.seeds)]
+        self.store = store  # a folder keeping every finished run, so that a rerun picks them up
         self._done: dict[Config, Run] = {}
 
     def _configs(self, changes: dict) -> list[Config]:
         return [self.base.replace(seed=seed, **changes) for seed in self.seeds]
 
     def prefetch(self, *changes: dict) -> None:
-        """Train every seed of each configuration not trained yet, ``jobs`` at a time."""
+        """Train every seed of each configuration not trained yet, ``jobs`` at a time.
+
+        With ``store``, runs kept there by an earlier call (an interrupted reproduce with
+        the same output folder) are read instead of trained, and each new run is written
+        there as soon as it ends."""
         pending = list(dict.fromkeys(c for change in changes for c in self._configs(change) if c not in self._done))
+        for config in list(pending):
+            kept = self._load(config)
+            if kept is not None:
+                self._done[config] = kept
+                pending.remove(config)
+                if self.log:
+                    self.log(f"  kept  {_describe(config)}")
         if self.log:
             for config in pending:
                 self.log(f"  train {_describe(config)}")
         if self.jobs == 1 or len(pending) < 2:
             for config in pending:
-                self._done[config] = _train_one_thread(config, self.dataset)
+                self._finish(config, _pack(_train_one_thread(config, self.dataset)))
             return
         global _WORKER_DATASET
         _WORKER_DATASET = self.dataset  # forked workers inherit it; nothing is pickled to them
@@ -120,10 +137,32 @@ class Lab:
             with ProcessPoolExecutor(
                 min(self.jobs, len(pending)), mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
             ) as pool:
-                for config, packed in zip(pending, pool.map(_train_in_worker, pending), strict=True):
-                    self._done[config] = _unpack(config, packed, self.dataset)
+                futures = {pool.submit(_train_in_worker, config): config for config in pending}
+                for future in as_completed(futures):
+                    self._finish(futures[future], future.result())
         finally:
             _WORKER_DATASET = None
+
+    def _path(self, config: Config) -> str:
+        key = hashlib.sha1(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.store, f"{key}.pt")
+
+    def _finish(self, config: Config, packed: tuple[list[dict], bytes]) -> None:
+        self._done[config] = _unpack(config, packed, self.dataset)
+        if self.store:
+            os.makedirs(self.store, exist_ok=True)
+            metrics, state = packed
+            save_atomically(
+                {"config": dataclasses.asdict(config), "metrics": metrics, "state": state}, self._path(config)
+            )
+
+    def _load(self, config: Config) -> Run | None:
+        if not self.store or not os.path.exists(self._path(config)):
+            return None
+        kept = torch.load(self._path(config), weights_only=False)
+        if kept["config"] != dataclasses.asdict(config):
+            return None
+        return _unpack(config, (kept["metrics"], kept["state"]), self.dataset)
 
     def runs(self, **changes) -> list[Run]:
         """One run per seed of the base configuration with ``changes``."""
@@ -149,7 +188,10 @@ def _train_in_worker(config: Config) -> tuple[list[dict], bytes]:
     Bytes, not tensors: torch would pass tensors through shared memory with a parallel
     copy, and GNU OpenMP must not start a thread team in a forked child.
     """
-    run = train(config, _WORKER_DATASET, progress=False)
+    return _pack(train(config, _WORKER_DATASET, progress=False))
+
+
+def _pack(run: Run) -> tuple[list[dict], bytes]:
     buffer = io.BytesIO()
     torch.save(run.model.state_dict(), buffer)
     return run.metrics, buffer.getvalue()

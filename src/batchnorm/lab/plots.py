@@ -83,8 +83,9 @@ def bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: str) -> 
             for group in groups:
                 seeds = np.asarray(values[group].get(label, [np.nan]), dtype=float)
                 means.append(seeds.mean())
-                low.append(seeds.mean() - seeds.min())
-                high.append(seeds.max() - seeds.mean())
+                # clipped: with equal seeds, mean - min can come out as -1e-17
+                low.append(max(seeds.mean() - seeds.min(), 0.0))
+                high.append(max(seeds.max() - seeds.mean(), 0.0))
             x = np.arange(len(groups)) + (i - (len(labels) - 1) / 2) * width
             ax.bar(x, means, width, yerr=[low, high], capsize=2, label=label)
         ax.set_xticks(np.arange(len(groups)), groups, rotation=15)

@@ -179,7 +179,9 @@ def reproduce(
     """Run the named experiments at ``scale`` and write the report into ``out``.
 
     ``jobs`` runs train side by side in worker processes; each run uses one torch thread
-    whatever ``jobs`` is, so the numbers do not depend on it."""
+    whatever ``jobs`` is, so the numbers do not depend on it. Finished runs are kept in
+    ``out/runs``; running again into the same ``out`` reuses them (an interrupted --full run
+    loses only the runs in progress)."""
     unknown = [name for name in names if name not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -187,7 +189,7 @@ def reproduce(
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got scale={scale!r}")
     start = time.perf_counter()
     dataset = data_module.load(data)
-    lab = Lab(SCALES[scale], dataset, data=data, seed=seed, log=log, jobs=jobs)
+    lab = Lab(SCALES[scale], dataset, data=data, seed=seed, log=log, jobs=jobs, store=os.path.join(out, "runs"))
     results = []
     for name in names:
         if log:

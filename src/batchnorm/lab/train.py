@@ -188,9 +188,9 @@ def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step
     }
 
 
-def _save_atomically(obj, path: str) -> None:
+def save_atomically(obj, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".partial-", suffix=".tmp")
     os.close(handle)
     try:
         torch.save(obj, temporary)
@@ -276,7 +276,7 @@ def train(
                     "rng": torch.get_rng_state(),
                     "metrics": run.metrics,
                 }
-                _save_atomically(state, checkpoint)
+                save_atomically(state, checkpoint)
             if log:
                 log(
                     f"step {step}/{config.steps}: train loss {record['train_loss']:.4f}, "
