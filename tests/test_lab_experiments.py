@@ -147,3 +147,26 @@ def test_worker_processes_give_the_same_numbers(tmp_path, monkeypatch):
         assert [c.measured for c in a.claims] == [c.measured for c in b.claims]
     with pytest.raises(ValueError, match="jobs must be a positive integer, got jobs=0"):
         experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset(), jobs=0)
+
+
+def test_a_rerun_into_the_same_folder_reuses_finished_runs(tmp_path):
+    lines = []
+    first = experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset(), store=str(tmp_path), log=lines.append)
+    runs = first.runs(norm="bn")
+    assert sum(line.startswith("  train") for line in lines) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
+    lines.clear()
+    second = experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset(), store=str(tmp_path), log=lines.append)
+    again = second.runs(norm="bn")
+    assert [line.split()[0] for line in lines] == ["kept", "kept"]
+    for a, b in zip(runs, again, strict=True):
+        assert a.metrics == b.metrics
+        for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
+            assert torch.equal(p, q)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bars_accept_equal_seeds():
+    from batchnorm.lab import plots
+
+    png = plots.bars({"test accuracy": {"a": [0.1, 0.1, 0.1], "b": [0.30000000000000004, 0.3, 0.3]}}, "y", "t")
+    assert png.startswith(b"\x89PNG")
