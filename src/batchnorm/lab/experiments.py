@@ -294,9 +294,9 @@ def fig1(lab: Lab) -> Result:
         [label, _pm(_final(runs)), _pm(_best(runs)), _steps_text(steps), f"{_mean([_drift(r) for r in runs]):.2f}"]
         for (label, runs), steps in zip(named.items(), (steps_bn, steps_none), strict=True)
     ]
-    faster = all(s is not None for s in steps_bn) and _mean(steps_bn) <= 0.5 * _mean([s or 0 for s in steps_none])
+    faster = all(s is not None for s in steps_bn) and _mean(steps_bn) <= 0.5 * _mean(steps_none)
     better = _mean(_final(with_bn)) > target + _spread(_final(without))
-    slower = any(s is None for s in steps_bn) or _mean(steps_bn) >= _mean([s or 0 for s in steps_none])
+    slower = any(s is None for s in steps_bn) or _mean(steps_bn) >= _mean(steps_none)
     drift_bn, drift_none = _mean([_drift(r) for r in with_bn]), _mean([_drift(r) for r in without])
     claims = [
         Claim(
@@ -349,7 +349,7 @@ def learning_rates(lab: Lab) -> Result:
     reaches = {name: all(s is not None for s in steps[name]) for name in named}
     bn_high = reaches["BN-x5"] and reaches["BN-x30"]
     plain_fails = _mean(_best(named["baseline-x30"])) < target
-    speedup = _mean([s or 0 for s in steps["baseline"]]) / _mean([s for s in steps["BN-x5"] if s] or [float("inf")])
+    speedup = _mean(steps["baseline"]) / _mean([s for s in steps["BN-x5"] if s] or [float("inf")])
     claims = [
         Claim(
             "Batch norm allows much higher learning rates (the paper's BN-x5 and BN-x30).",

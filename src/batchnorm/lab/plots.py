@@ -8,11 +8,8 @@ from __future__ import annotations
 import io
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only, no screen
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: the user's backend and figures stay untouched
 
 STYLE = {
     "figure.figsize": (6.4, 3.8),
@@ -33,7 +30,6 @@ def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
     return buffer.getvalue()
 
 
@@ -46,8 +42,9 @@ def _band(ax, x, runs, label, **style):
 
 def curves(series: dict[str, list[list[dict]]], key: str, ylabel: str, title: str) -> bytes:
     """``key`` against step for each label; series[label] holds one metrics list per seed."""
-    with plt.rc_context(STYLE):
-        figure, ax = plt.subplots()
+    with matplotlib.rc_context(STYLE):
+        figure = Figure()
+        ax = figure.subplots()
         for label, runs in series.items():
             steps = [record["step"] for record in runs[0]]
             _band(ax, steps, [[record[key] for record in run] for run in runs], label)
@@ -58,8 +55,9 @@ def curves(series: dict[str, list[list[dict]]], key: str, ylabel: str, title: st
 
 def percentile_bands(series: dict[str, list[list[dict]]], title: str) -> bytes:
     """The 15th, 50th and 85th percentiles of the probed activation input, one panel per label."""
-    with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(1, len(series), sharey=True, figsize=(3.4 * len(series), 3.4), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(3.4 * len(series), 3.4))
+        axes = figure.subplots(1, len(series), sharey=True, squeeze=False)
         for ax, (label, runs) in zip(axes[0], series.items(), strict=True):
             steps = [record["step"] for record in runs[0]]
             for key, style in (("probe_p85", ":"), ("probe_p50", "-"), ("probe_p15", ":")):
@@ -73,8 +71,9 @@ def percentile_bands(series: dict[str, list[list[dict]]], title: str) -> bytes:
 
 def bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: str) -> bytes:
     """Grouped bars: values[group][label] holds one number per seed; bar = mean, whisker = range."""
-    with plt.rc_context(STYLE):
-        figure, ax = plt.subplots()
+    with matplotlib.rc_context(STYLE):
+        figure = Figure()
+        ax = figure.subplots()
         groups = list(values)
         labels = list(dict.fromkeys(label for group in values.values() for label in group))
         width = 0.8 / max(len(labels), 1)
@@ -97,8 +96,9 @@ def bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: str) -> 
 
 def versus(x: list[float], series: dict[str, list[list[float]]], xlabel: str, ylabel: str, title: str) -> bytes:
     """Lines against a numeric x (log scale); series[label] holds one list over x per seed."""
-    with plt.rc_context(STYLE):
-        figure, ax = plt.subplots()
+    with matplotlib.rc_context(STYLE):
+        figure = Figure()
+        ax = figure.subplots()
         for label, runs in series.items():
             _band(ax, x, runs, label, marker="o")
         ax.set_xscale("log", base=2)

@@ -113,7 +113,7 @@ def build_model(config: Config, dataset: data_module.Dataset) -> nn.Module:
     return models.cnn(
         dataset.example_shape,
         dataset.num_classes,
-        activation=config.activation if config.activation != "sigmoid" else "relu",
+        activation=config.activation,
         norm=config.norm,
         bn_momentum=config.bn_momentum,
     )
