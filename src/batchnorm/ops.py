@@ -18,6 +18,8 @@ again; a plain backward uses the fast kernel.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import warnings
 
@@ -230,17 +232,10 @@ def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, me
 _NO_COUNTER = np.empty(0, dtype=np.int64)
 
 
-def _update_from_arrays(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, eps=None):
-    """The update with float32/float64 running buffers and the batch statistics as numpy arrays.
-
-    With ``eps`` given, ``var`` holds 1/sqrt(var + eps) instead (torch's kernel returns that).
-    """
+def _update_from_arrays(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    """The update with float32/float64 running buffers and the batch statistics as numpy arrays."""
     counter = num_batches_tracked.view(1).numpy() if num_batches_tracked is not None else _NO_COUNTER
-    buffers = (running_mean.numpy(), running_var.numpy(), counter)
-    if eps is None:
-        updated = cpu.update_running_stats(*buffers, mean, var, count, momentum)
-    else:
-        updated = cpu.update_running_stats_from_invstd(*buffers, mean, var, eps, count, momentum)
+    updated = cpu.update_running_stats(running_mean.numpy(), running_var.numpy(), counter, mean, var, count, momentum)
     if not updated:
         warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=3)
 
@@ -248,6 +243,45 @@ def _update_from_arrays(running_mean, running_var, num_batches_tracked, mean, va
 @update_running_stats.register_fake
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     return None
+
+
+_ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+
+
+def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
+    """The update from one CPU batch's mean and var (or torch's 1/sqrt(var + eps)).
+
+    The common case (buffers of the statistics' dtype, dense, one value per channel)
+    goes to the kernel by address; it is checked here, since the kernel cannot check.
+    """
+    running_mean, running_var, num_batches_tracked, count, momentum = running
+    dtype = mean.dtype
+    channels = mean.shape[0]
+    if (
+        dtype in _ZERO
+        and running_mean.dtype is dtype
+        and running_var.dtype is dtype
+        and running_mean.numel() == channels
+        and running_var.numel() == channels
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and (
+            num_batches_tracked is None
+            or (num_batches_tracked.dtype is torch.int64 and num_batches_tracked.numel() == 1)
+        )
+    ):
+        counter = 0 if num_batches_tracked is None else num_batches_tracked.data_ptr()
+        if momentum < 0 and counter == 0:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        updated = cpu.update_running_stats_at(
+            running_mean.data_ptr(), running_var.data_ptr(), counter, mean.data_ptr(), spread.data_ptr(),
+            spread_is_invstd, channels, eps, count, momentum, _ZERO[dtype],
+        )  # fmt: skip
+        if not updated:
+            warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=4)
+        return
+    var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
+    _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
 
 # -------------------------------------------------------------- forward, eval
@@ -454,27 +488,33 @@ def eager(*tensors: Tensor | None) -> bool:
 
 class _EagerTrain(torch.autograd.Function):
     """forward_train and the running update in one call. Only the output is returned;
-    the statistics, one (3, C) tensor of mean, invstd and var, stay on ctx for the backward."""
+    the statistics, one (3, C) tensor of mean, invstd and var, stay on ctx for the backward.
+    ``small`` is the (A, C, B) shape of an input for the one-thread kernels (see _small_shape)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps, axis, running):
-        if _forked_child or input.numel() == 0:
-            y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
-            stats = torch.stack(stats)
+    def forward(ctx, input, weight, bias, eps, axis, running, small=None):
+        if small is not None:
+            stats = torch.empty(3, input.shape[axis], dtype=input.dtype)
+            y = torch.empty_like(input)
+            cpu.train_small_at(
+                input.data_ptr(), _address(weight), _address(bias), y.data_ptr(), stats.data_ptr(),
+                *small, float(eps), _ZERO[input.dtype],
+            )  # fmt: skip
+            ctx.backward_kernel = functools.partial(_backward_small, small)
         else:
-            stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
-            mean, invstd, var = stats.numpy()
-            y = _train_into(input, weight, bias, eps, axis, mean, invstd, var)
-        if running is not None:
-            running_mean, running_var = running[:2]
-            if running_mean.dtype == running_var.dtype == stats.dtype:
-                _update_from_arrays(*running[:3], stats[0].numpy(), stats[2].numpy(), *running[3:])
+            if _forked_child or input.numel() == 0:
+                y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
+                stats = torch.stack(stats)
             else:
-                _update_running_stats_cpu(*running[:3], stats[0], stats[2], *running[3:])
+                stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
+                mean, invstd, var = stats.numpy()
+                y = _train_into(input, weight, bias, eps, axis, mean, invstd, var)
+            ctx.backward_kernel = _backward_cpu
+        if running is not None:
+            _update_at(running, stats[0], stats[2], False, float(eps))
         ctx.save_for_backward(input, weight)
         ctx.stats = stats
         ctx.eps, ctx.axis = eps, axis
-        ctx.backward_kernel = _backward_cpu
         return y
 
     @staticmethod
@@ -482,7 +522,55 @@ class _EagerTrain(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         mean, invstd = ctx.stats[0], ctx.stats[1]
         dx, dweight, dbias = _gradients(ctx, ctx.needs_input_grad[:3], grad_output, input, mean, invstd, weight, True)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# A contiguous input with more than one value per channel and row (B > 1 in the
+# (A, C, B) view) and a size in this range goes to the one-thread kernels by address.
+# Measured on the development machine (docs/benchmarks.md): forward-train there is
+# 1.5x to 2x faster than torch's kernel, forward+backward about even with it; below
+# the range the Python of the autograd.Function costs more than the kernel saves, above
+# it one thread is slower than a team.
+SMALL_CHANNEL_MAJOR = (1 << 16, 1 << 17)
+
+
+def _small_shape(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> tuple[int, int, int] | None:
+    """(A, C, B) when the one-thread kernels take the input, else None.
+
+    They read every tensor by address, so everything is checked here: a dense
+    float32/float64 input, weight and bias of its dtype, dense, one value per channel.
+    """
+    numel = input.numel()
+    low, high = SMALL_CHANNEL_MAJOR
+    if not (low <= numel <= high and numel > 0) or input.dtype not in _ZERO or not input.is_contiguous():
+        return None
+    shape = input.shape
+    channels = shape[axis]
+    inner = math.prod(shape[axis + 1 :])
+    if inner == 1:
+        return None
+    for t in (weight, bias):
+        if t is not None and (t.dtype is not input.dtype or t.numel() != channels or not t.is_contiguous()):
+            return None
+    return numel // (channels * inner), channels, inner
+
+
+def _backward_small(shape, grad_output, input, mean, invstd, weight, training, axis, input_grad):
+    """_backward_cpu for an input of (A, C, B) ``shape`` the one-thread kernels took (training only)."""
+    A, C, B = shape
+    dy = grad_output.to(input.dtype).contiguous()
+    dx = torch.empty_like(input) if input_grad else input.new_empty(0)
+    dweight = torch.empty(C, dtype=input.dtype)
+    dbias = torch.empty(C, dtype=input.dtype)
+    cpu.backward_small_at(
+        dy.data_ptr(), input.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _address(weight),
+        dx.data_ptr() if input_grad else 0, dweight.data_ptr(), dbias.data_ptr(), A, C, B, _ZERO[input.dtype],
+    )  # fmt: skip
+    return dx, dweight, dbias
 
 
 class _EagerEval(torch.autograd.Function):
@@ -517,15 +605,13 @@ def train(input, weight, bias, eps, axis, running=None):
     if running is not None and running[3] < 2:
         running = None
     if eager(input, weight, bias, *(running[:3] if running is not None else ())):
+        small = _small_shape(input, weight, bias, axis)
+        if small is not None:
+            return _EagerTrain.apply(input, weight, bias, eps, axis, running, small)
         if _small(input, axis):
             y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             if running is not None:
-                running_mean, running_var = running[:2]
-                if running_mean.dtype == running_var.dtype == mean.dtype:
-                    _update_from_arrays(*running[:3], mean.numpy(), invstd.numpy(), *running[3:], eps=float(eps))
-                else:
-                    var = (invstd.double().pow(-2) - eps).clamp_min(0).to(mean.dtype)
-                    _update_running_stats_cpu(*running[:3], mean, var, *running[3:])
+                _update_at(running, mean, invstd, True, float(eps))
             return y
         return _EagerTrain.apply(input, weight, bias, eps, axis, running)
     y, mean, _invstd, var = forward_train(input, weight, bias, eps, axis)
