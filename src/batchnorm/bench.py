@@ -97,7 +97,7 @@ def _operation(module: torch.nn.Module, x: torch.Tensor, operation: str) -> Call
 
 
 def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
-    """For each row, every implementation is called in turn, ``repeat`` rounds, so that the
+    """For each row, every implementation is called in turn, ``repeat`` rounds or more, so that the
     machine's drift during the run hits all of them alike; the median over rounds."""
     rows = []
     for shape in shapes:
@@ -122,13 +122,22 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
     return rows
 
 
-def _alternating(functions: dict[str, Callable[[], object]], repeat: int, per_round: int = 5) -> dict[str, float]:
-    """Medians over ``repeat`` rounds that call each function in turn, so that drift in the
-    machine's speed hits all of them alike; a round's sample is the median of ``per_round`` calls."""
+def _alternating(
+    functions: dict[str, Callable[[], object]], repeat: int, per_round: int = 5, budget: float = 0.5
+) -> dict[str, float]:
+    """Medians over rounds that call each function in turn, so that drift in the machine's
+    speed hits all of them alike; a round's sample is the median of ``per_round`` calls.
+
+    At least ``repeat`` rounds; fast rows get more, up to ``budget`` seconds (at most
+    50 x ``repeat`` rounds), since their medians need more samples on a noisy machine.
+    """
+    start = time.perf_counter()
     for fn in functions.values():
         median_time(fn, 1, warmup=3)
+    round_seconds = (time.perf_counter() - start) / 4 * per_round
+    rounds = max(repeat, 5, min(50 * repeat, int(budget / max(round_seconds, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(max(repeat, 5)):
+    for _ in range(rounds):
         for name, fn in functions.items():
             samples[name].append(median_time(fn, per_round, warmup=0))
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -178,7 +187,7 @@ def mlp_training_step(repeat: int) -> dict[str, float]:
             optimizer.step()
 
         steps[norm] = step
-    return _alternating(steps, repeat)
+    return _alternating(steps, repeat, budget=3.0)
 
 
 def machine() -> str:

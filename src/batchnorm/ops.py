@@ -18,7 +18,6 @@ again; a plain backward uses the fast kernel.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -488,33 +487,23 @@ def eager(*tensors: Tensor | None) -> bool:
 
 class _EagerTrain(torch.autograd.Function):
     """forward_train and the running update in one call. Only the output is returned;
-    the statistics, one (3, C) tensor of mean, invstd and var, stay on ctx for the backward.
-    ``small`` is the (A, C, B) shape of an input for the one-thread kernels (see _small_shape)."""
+    the statistics, one (3, C) tensor of mean, invstd and var, stay on ctx for the backward."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps, axis, running, small=None):
-        if small is not None:
-            stats = torch.empty(3, input.shape[axis], dtype=input.dtype)
-            y = torch.empty_like(input)
-            cpu.train_small_at(
-                input.data_ptr(), _address(weight), _address(bias), y.data_ptr(), stats.data_ptr(),
-                *small, float(eps), _ZERO[input.dtype],
-            )  # fmt: skip
-            ctx.backward_kernel = functools.partial(_backward_small, small)
+    def forward(ctx, input, weight, bias, eps, axis, running):
+        if _forked_child or input.numel() == 0:
+            y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
+            stats = torch.stack(stats)
         else:
-            if _forked_child or input.numel() == 0:
-                y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
-                stats = torch.stack(stats)
-            else:
-                stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
-                mean, invstd, var = stats.numpy()
-                y = _train_into(input, weight, bias, eps, axis, mean, invstd, var)
-            ctx.backward_kernel = _backward_cpu
+            stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
+            mean, invstd, var = stats.numpy()
+            y = _train_into(input, weight, bias, eps, axis, mean, invstd, var)
         if running is not None:
             _update_at(running, stats[0], stats[2], False, float(eps))
         ctx.save_for_backward(input, weight)
         ctx.stats = stats
         ctx.eps, ctx.axis = eps, axis
+        ctx.backward_kernel = _backward_cpu
         return y
 
     @staticmethod
@@ -522,31 +511,38 @@ class _EagerTrain(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         mean, invstd = ctx.stats[0], ctx.stats[1]
         dx, dweight, dbias = _gradients(ctx, ctx.needs_input_grad[:3], grad_output, input, mean, invstd, weight, True)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None
 
 
 def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-# A contiguous input with more than one value per channel and row (B > 1 in the
-# (A, C, B) view) and a size in this range goes to the one-thread kernels by address.
-# Measured on the development machine (docs/benchmarks.md): forward-train there is
-# 1.5x to 2x faster than torch's kernel, forward+backward about even with it; below
-# the range the Python of the autograd.Function costs more than the kernel saves, above
-# it one thread is slower than a team.
+# A forward in training mode that autograd does not record (under no_grad, as in
+# stats.population_statistics, or with nothing requiring a gradient), on a contiguous
+# input with more than one value per channel and row (B > 1 in the (A, C, B) view)
+# and a size in this range, runs in one thread with every tensor passed by address.
+# Measured on the development machine (docs/benchmarks.md): faster than torch's
+# kernel there. With autograd recording, the Python of an autograd.Function and its
+# backward cost more than this saves; above the range one thread is slower than a team.
 SMALL_CHANNEL_MAJOR = (1 << 16, 1 << 17)
 
 
 def _small_shape(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> tuple[int, int, int] | None:
-    """(A, C, B) when the one-thread kernels take the input, else None.
+    """(A, C, B) when the one-thread kernel takes the input, else None.
 
-    They read every tensor by address, so everything is checked here: a dense
+    It reads every tensor by address, so everything is checked here: a dense
     float32/float64 input, weight and bias of its dtype, dense, one value per channel.
     """
     numel = input.numel()
     low, high = SMALL_CHANNEL_MAJOR
     if not (low <= numel <= high and numel > 0) or input.dtype not in _ZERO or not input.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
         return None
     shape = input.shape
     channels = shape[axis]
@@ -559,18 +555,17 @@ def _small_shape(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis
     return numel // (channels * inner), channels, inner
 
 
-def _backward_small(shape, grad_output, input, mean, invstd, weight, training, axis, input_grad):
-    """_backward_cpu for an input of (A, C, B) ``shape`` the one-thread kernels took (training only)."""
-    A, C, B = shape
-    dy = grad_output.to(input.dtype).contiguous()
-    dx = torch.empty_like(input) if input_grad else input.new_empty(0)
-    dweight = torch.empty(C, dtype=input.dtype)
-    dbias = torch.empty(C, dtype=input.dtype)
-    cpu.backward_small_at(
-        dy.data_ptr(), input.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _address(weight),
-        dx.data_ptr() if input_grad else 0, dweight.data_ptr(), dbias.data_ptr(), A, C, B, _ZERO[input.dtype],
+def _train_small(input, weight, bias, eps, running, shape) -> Tensor:
+    """Algorithm 1 and the running update in one thread, for an input _small_shape took."""
+    stats = torch.empty(3, shape[1], dtype=input.dtype)
+    y = torch.empty_like(input)
+    cpu.train_small_at(
+        input.data_ptr(), _address(weight), _address(bias), y.data_ptr(), stats.data_ptr(),
+        *shape, float(eps), _ZERO[input.dtype],
     )  # fmt: skip
-    return dx, dweight, dbias
+    if running is not None:
+        _update_at(running, stats[0], stats[2], False, float(eps))
+    return y
 
 
 class _EagerEval(torch.autograd.Function):
@@ -607,7 +602,7 @@ def train(input, weight, bias, eps, axis, running=None):
     if eager(input, weight, bias, *(running[:3] if running is not None else ())):
         small = _small_shape(input, weight, bias, axis)
         if small is not None:
-            return _EagerTrain.apply(input, weight, bias, eps, axis, running, small)
+            return _train_small(input, weight, bias, eps, running, small)
         if _small(input, axis):
             y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             if running is not None:

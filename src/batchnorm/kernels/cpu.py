@@ -388,12 +388,9 @@ def _affine_or(address, channels, fill, zero):
 
 
 @njit(**_serial)
-def _small_sums(x, center, other):
-    """float64 per-channel sums over dense (A, C, B) data in one thread, B the inner loop.
-
-    With ``other`` None: sum(x - center) and sum((x - center)^2); with ``other``
-    given: sum(other) and sum(other * (x - center)).
-    """
+def _small_sums(x, center):
+    """float64 sum(x - center) and sum((x - center)^2) per channel over dense (A, C, B)
+    data in one thread, B the inner loop."""
     A, C, B = x.shape
     first = np.zeros(C)
     second = np.zeros(C)
@@ -404,35 +401,17 @@ def _small_sums(x, center, other):
             s = 0.0
             for b in range(B):
                 d = np.float64(x[a, c, b]) - k
-                g = d if other is None else np.float64(other[a, c, b])
-                f += g
-                s += g * d
+                f += d
+                s += d * d
             first[c] += f
             second[c] += s
     return first, second
 
 
 @njit(**_serial)
-def _small_map(x, other, a_x, a_other, center, const, y):
-    """y = (x - center) * a_x + other * a_other + const per channel (other None: no
-    such term) on dense (A, C, B) data in one thread."""
-    A, C, B = x.shape
-    for a in range(A):
-        for c in range(C):
-            k = center[c]
-            s = a_x[c]
-            t = a_other[c]
-            o = const[c]
-            for b in range(B):
-                v = (x[a, c, b] - k) * s + o
-                if other is not None:
-                    v += other[a, c, b] * t
-                y[a, c, b] = v
-
-
-@njit(**_serial)
 def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
-    """Algorithm 1 on small dense (A, C, B) data with B > 1 in one thread, all by address.
+    """Algorithm 1 on small dense (A, C, B) data with B > 1 in one thread, all by address
+    (ops._small_shape says which inputs, and checks what this cannot).
 
     ``stats`` receives 3 * C values: mean, invstd and the biased var. The sums are
     float64 around each channel's first value, as in forward_train_channels; on a
@@ -445,10 +424,9 @@ def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
     shift = np.empty(C)
     for c in range(C):
         shift[c] = xs[0, c, 0]
-    total, total_sq = _small_sums(xs, shift, None)
+    total, total_sq = _small_sums(xs, shift)
     mean = np.empty(C, xs.dtype)
     scale = np.empty(C, xs.dtype)
-    offset = np.empty(C, xs.dtype)
     for c in range(C):
         mu, var, invstd = _finish_stats(shift[c], total[c], total_sq[c], A * B, eps)
         out[0, c] = mu
@@ -456,40 +434,11 @@ def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
         out[2, c] = var
         mean[c] = mu
         scale[c] = gamma[c] * invstd
-        offset[c] = beta[c]
-    _small_map(xs, None, scale, scale, mean, offset, carray(_pointer(y, zero), (A, C, B)))
-
-
-@njit(**_serial)
-def backward_small_at(dy, x, mean, invstd, weight, dx, dweight, dbias, A, C, B, zero):
-    """Training gradients on small dense (A, C, B) data in one thread, all by address,
-    with the formulas of backward_channels; ``dx`` 0 skips dx. mean, invstd, dweight,
-    dbias: C values each."""
-    dys = carray(_pointer(dy, zero), (A, C, B))
-    xs = carray(_pointer(x, zero), (A, C, B))
-    mu = carray(_pointer(mean, zero), C)
-    inverse = carray(_pointer(invstd, zero), C)
-    dw = carray(_pointer(dweight, zero), C)
-    db = carray(_pointer(dbias, zero), C)
-    gamma = _affine_or(weight, C, 1.0, zero)
-    mean = np.empty(C)
-    for c in range(C):
-        mean[c] = mu[c]
-    total, total_x = _small_sums(xs, mean, dys)
-    a_dy = np.empty(C, xs.dtype)
-    a_x = np.empty(C, xs.dtype)
-    const = np.empty(C, xs.dtype)
-    center = np.empty(C, xs.dtype)
-    m = A * B
-    for c in range(C):
-        inv = np.float64(inverse[c])
-        sum_dy_xhat = total_x[c] * inv
-        db[c] = total[c]
-        dw[c] = sum_dy_xhat
-        gain = gamma[c] * inv
-        a_dy[c] = gain
-        a_x[c] = -gain / m * inv * sum_dy_xhat
-        const[c] = -gain / m * total[c]
-        center[c] = mu[c]
-    if dx != 0:
-        _small_map(xs, dys, a_x, a_dy, center, const, carray(_pointer(dx, zero), (A, C, B)))
+    ys = carray(_pointer(y, zero), (A, C, B))
+    for a in range(A):
+        for c in range(C):
+            mu = mean[c]
+            s = scale[c]
+            o = beta[c]
+            for b in range(B):
+                ys[a, c, b] = (xs[a, c, b] - mu) * s + o
