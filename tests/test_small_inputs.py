@@ -129,3 +129,27 @@ def test_one_thread_kernel_large_offset_and_nan_batch():
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="^batch norm: the training batch has NaN"):
         module(x)
     assert torch.equal(module.running_mean, torch.zeros(4)) and module.num_batches_tracked.item() == 0
+
+
+def test_update_outside_the_address_path():
+    """Buffers the address path does not take (bfloat16; float64 with float32 data) get the
+    torch-ops update, with the same skip of a non-finite batch."""
+    ours, theirs = batchnorm.BatchNorm2d(3).to(torch.bfloat16), torch.nn.BatchNorm2d(3).to(torch.bfloat16)
+    x = (torch.randn(4, 3, 5, 5) * 2 + 1).to(torch.bfloat16)
+    ours(x)
+    theirs(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=2e-2, atol=2e-2)
+    before = ours.running_mean.clone()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="^batch norm: the training batch has NaN"):
+        ours(x)
+    assert torch.equal(ours.running_mean, before) and ours.num_batches_tracked.item() == 1
+
+    data = torch.randn(8, 3, 4) * 2 + 1
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    batchnorm.functional.batch_norm(data, rm, rv, training=True)
+    _, mu, var = oracle.train_forward(data, None, None)
+    rm_ref, rv_ref = oracle.running_update(torch.zeros(3), torch.ones(3), mu, var, 32, 0.1)
+    torch.testing.assert_close(rm, rm_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv, rv_ref, rtol=1e-6, atol=1e-7)

@@ -218,25 +218,7 @@ def update_running_stats(
 
 @update_running_stats.register_kernel("cpu")
 def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    if running_mean.dtype in (torch.float32, torch.float64) and running_var.dtype == running_mean.dtype:
-        _update_from_arrays(running_mean, running_var, num_batches_tracked, mean.numpy(), var.numpy(), count, momentum)
-        return
-    # half-precision buffers
-    updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
-    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
-    if not updated:
-        warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=2)
-
-
-_NO_COUNTER = np.empty(0, dtype=np.int64)
-
-
-def _update_from_arrays(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    """The update with float32/float64 running buffers and the batch statistics as numpy arrays."""
-    counter = num_batches_tracked.view(1).numpy() if num_batches_tracked is not None else _NO_COUNTER
-    updated = cpu.update_running_stats(running_mean.numpy(), running_var.numpy(), counter, mean, var, count, momentum)
-    if not updated:
-        warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=3)
+    _update_at((running_mean, running_var, num_batches_tracked, count, momentum), mean, var, False, 0.0)
 
 
 @update_running_stats.register_fake
@@ -247,27 +229,28 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, m
 _ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
 
 
-def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
-    """The update from one CPU batch's mean and var (or torch's 1/sqrt(var + eps)).
+def _dense(t: Tensor, dtype: torch.dtype, channels: int) -> bool:
+    return t.dtype is dtype and t.numel() == channels and t.is_contiguous()
 
-    The common case (buffers of the statistics' dtype, dense, one value per channel)
+
+def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
+    """The update from one CPU batch's mean and var (or torch's 1/sqrt(var + eps)); every
+    CPU caller's way in, ``running`` as (running_mean, running_var, num_batches_tracked, count, momentum).
+
+    The common case (float32/float64 tensors of one dtype, dense, one value per channel)
     goes to the kernel by address; it is checked here, since the kernel cannot check.
+    Anything else (half-precision buffers, mixed dtypes) takes the torch-ops update.
     """
     running_mean, running_var, num_batches_tracked, count, momentum = running
     dtype = mean.dtype
-    channels = mean.shape[0]
+    channels = mean.numel()
     if (
         dtype in _ZERO
-        and running_mean.dtype is dtype
-        and running_var.dtype is dtype
-        and running_mean.numel() == channels
-        and running_var.numel() == channels
-        and running_mean.is_contiguous()
-        and running_var.is_contiguous()
-        and (
-            num_batches_tracked is None
-            or (num_batches_tracked.dtype is torch.int64 and num_batches_tracked.numel() == 1)
-        )
+        and _dense(mean, dtype, channels)
+        and _dense(spread, dtype, channels)
+        and _dense(running_mean, dtype, channels)
+        and _dense(running_var, dtype, channels)
+        and (num_batches_tracked is None or _dense(num_batches_tracked, torch.int64, 1))
     ):
         counter = 0 if num_batches_tracked is None else num_batches_tracked.data_ptr()
         if momentum < 0 and counter == 0:
@@ -276,11 +259,12 @@ def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, ep
             running_mean.data_ptr(), running_var.data_ptr(), counter, mean.data_ptr(), spread.data_ptr(),
             spread_is_invstd, channels, eps, count, momentum, _ZERO[dtype],
         )  # fmt: skip
-        if not updated:
-            warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=4)
-        return
-    var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
-    _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    else:
+        var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
+        updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+        reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    if not updated:
+        warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=4)
 
 
 # -------------------------------------------------------------- forward, eval
