@@ -22,13 +22,10 @@ import math
 import os
 import warnings
 
-import numba
-import numpy as np
 import torch
 
-from .buffers import pool
+from . import launch
 from .kernels import cpu, reference
-from .layout import channel_view
 
 Tensor = torch.Tensor
 
@@ -54,76 +51,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _sync_threads() -> int:
-    """Give Numba torch's thread count, so that both share the same OpenMP team size.
-
-    torch sets 1 thread in DataLoader workers; following it keeps forked workers
-    from touching the parent's OpenMP pool.
-    """
-    wanted = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
-    return wanted
-
-
-_FILLED: dict[tuple, object] = {}
-
-
-def _as_compute(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int):
-    """A per-channel parameter as a dense numpy array of the compute dtype.
-
-    None (no affine weight or bias) gives a shared constant array of ``fill``;
-    the kernels only read it.
-    """
-    if t is None:
-        key = (dtype, fill, channels)
-        array = _FILLED.get(key)
-        if array is None:
-            if len(_FILLED) > 256:
-                _FILLED.clear()
-            array = _FILLED[key] = torch.full((channels,), fill, dtype=dtype).numpy()
-        return array
-    t = t.detach()
-    if t.dtype != dtype or not t.is_contiguous():
-        t = t.to(dtype).contiguous()
-    return t.numpy()
-
-
-def _kernel_arrays(x: Tensor, axis: int):
-    """x in float32/float64 with dense memory, and its (A, C, B) view.
-
-    Only half-precision data (converted) and memory with gaps (copied) are not used in place.
-    """
-    x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32)
-    view = channel_view(x, axis)
-    if view is None:
-        x = x.contiguous()
-        view = channel_view(x, axis)
-    return x, view
-
-
-def _same_view(y: Tensor, view: Tensor) -> Tensor:
-    """The (A, C, B) view of ``y``, a tensor with the shape and strides of the one ``view`` views."""
-    return y.as_strided(view.shape, view.stride())
-
-
-def _numpy_view(view: Tensor):
-    """The (A, C, B) view as numpy; (A, C) when B == 1, which the row kernels take."""
-    if view.shape[2] == 1:
-        return view.as_strided(view.shape[:2], (view.shape[1], 1)).numpy(), False
-    return view.numpy(), True
-
-
-def _launch(channel_major: bool, channels_kernel, rows_kernel, threads: int, *args) -> None:
-    """Run the (A, C, B) kernel or the (A, C) row kernel, which splits rows over ``threads``."""
-    if channel_major:
-        channels_kernel(*args)
-    else:
-        rows_kernel(*args, threads)
 
 
 def _empty_like_view(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -152,34 +79,8 @@ def _forward_train_cpu(input, weight, bias, eps, axis):
         return _empty_like_view(input, input.dtype), empty, empty.clone(), empty.clone()
     # three tensors, not views of one: a custom op's outputs must not alias
     mean, invstd, var = (torch.empty(channels, dtype=stat) for _ in range(3))
-    y = _train_into(input, weight, bias, eps, axis, mean.numpy(), invstd.numpy(), var.numpy())
+    y = launch.train(input, weight, bias, eps, axis, mean.data_ptr(), invstd.data_ptr(), var.data_ptr())
     return y, mean, invstd, var
-
-
-def _train_into(input, weight, bias, eps, axis, mean, invstd, var) -> Tensor:
-    """The output of Algorithm 1 (non-empty input); the statistics go into the numpy arrays given."""
-    threads = _sync_threads()
-    x, view = _kernel_arrays(input, axis)
-    y = pool.empty_like(x)
-    x_np, channel_major = _numpy_view(view)
-    y_np, _ = _numpy_view(_same_view(y, view))
-    stat = x.dtype
-    channels = view.shape[1]
-    _launch(
-        channel_major,
-        cpu.forward_train_channels,
-        cpu.forward_train_rows,
-        threads,
-        x_np,
-        _as_compute(weight, stat, 1.0, channels),
-        _as_compute(bias, stat, 0.0, channels),
-        float(eps),
-        y_np,
-        mean,
-        invstd,
-        var,
-    )
-    return y if y.dtype == input.dtype else y.to(input.dtype)
 
 
 @forward_train.register_fake
@@ -226,11 +127,7 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, m
     return None
 
 
-_ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
-
-
-def _dense(t: Tensor, dtype: torch.dtype, channels: int) -> bool:
-    return t.dtype is dtype and t.numel() == channels and t.is_contiguous()
+_ZERO, _dense = launch.ZERO, launch.dense
 
 
 def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
@@ -290,27 +187,7 @@ def _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
         return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
     if input.numel() == 0:
         return _empty_like_view(input, input.dtype)
-    threads = _sync_threads()
-    channels = input.shape[axis]
-    x, view = _kernel_arrays(input, axis)
-    y = pool.empty_like(x)
-    x_np, channel_major = _numpy_view(view)
-    y_np, _ = _numpy_view(_same_view(y, view))
-    stat = x.dtype
-    _launch(
-        channel_major,
-        cpu.forward_eval_channels,
-        cpu.forward_eval_rows,
-        threads,
-        x_np,
-        _as_compute(running_mean, stat, 0.0, channels),
-        _as_compute(running_var, stat, 1.0, channels),
-        _as_compute(weight, stat, 1.0, channels),
-        _as_compute(bias, stat, 0.0, channels),
-        float(eps),
-        y_np,
-    )
-    return y if y.dtype == input.dtype else y.to(input.dtype)
+    return launch.evaluate(input, running_mean, running_var, weight, bias, eps, axis)
 
 
 @forward_eval.register_fake
@@ -348,43 +225,12 @@ def _backward_reference(grad_output, input, mean, invstd, weight, training, axis
 def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, input_grad):
     if _forked_child:
         return _backward_reference(grad_output, input, mean, invstd, weight, training, axis, input_grad)
-    channels = input.shape[axis]
-    stat = reference.compute_dtype(input.dtype)
-    dweight = torch.zeros(channels, dtype=stat)
-    dbias = torch.zeros(channels, dtype=stat)
     if input.numel() == 0:
+        channels = input.shape[axis]
+        stat = reference.compute_dtype(input.dtype)
+        dweight, dbias = torch.zeros(channels, dtype=stat), torch.zeros(channels, dtype=stat)
         return (_empty_like_view(input, input.dtype) if input_grad else input.new_empty(0)), dweight, dbias
-    threads = _sync_threads()
-    x, view = _kernel_arrays(input, axis)
-    dy = grad_output.to(x.dtype)
-    if dy.stride() != x.stride():  # the kernels walk dy and x in the same order
-        dy = torch.empty_like(x).copy_(dy)
-    x_np, channel_major = _numpy_view(view)
-    dy_np, _ = _numpy_view(_same_view(dy, view))
-    if input_grad:
-        dx = pool.empty_like(x)
-        dx_np, _ = _numpy_view(_same_view(dx, view))
-    else:
-        dx = input.new_empty(0)
-        dx_np = x_np[:0]
-    _launch(
-        channel_major,
-        cpu.backward_channels,
-        cpu.backward_rows,
-        threads,
-        dy_np,
-        x_np,
-        mean.to(stat).numpy(),
-        invstd.to(stat).numpy(),
-        _as_compute(weight, stat, 1.0, channels),
-        bool(training),
-        dx_np,
-        dweight.numpy(),
-        dbias.numpy(),
-    )
-    if input_grad and dx.dtype != input.dtype:
-        dx = dx.to(input.dtype)
-    return dx, dweight, dbias
+    return launch.backward(grad_output, input, mean, invstd, weight, training, axis, input_grad)
 
 
 @backward.register_fake
@@ -480,8 +326,9 @@ class _EagerTrain(torch.autograd.Function):
             stats = torch.stack(stats)
         else:
             stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
-            mean, invstd, var = stats.numpy()
-            y = _train_into(input, weight, bias, eps, axis, mean, invstd, var)
+            mean = stats.data_ptr()
+            step = stats.stride(0) * stats.element_size()
+            y = launch.train(input, weight, bias, eps, axis, mean, mean + step, mean + 2 * step)
         if running is not None:
             _update_at(running, stats[0], stats[2], False, float(eps))
         ctx.save_for_backward(input, weight)

@@ -1,0 +1,149 @@
+"""The Numba kernels called on CPU tensors: the checks they cannot make, then addresses.
+
+Every kernel here (kernels/cpu.py, the ``*_at`` functions) receives its tensors as
+data addresses and the (A, C, B) shape of layout.py. On the development machine a
+numpy view of a tensor took 1.5 to 5 us to make and the old array launch spent about
+60 us in Python around a 20 us kernel; an integer argument costs a fraction of a
+microsecond. Since the kernels trust what they get, everything is checked here: a
+float32/float64 input with dense memory (or a converted copy), per-channel tensors
+dense with one value of the data's dtype per channel (or converted), outputs allocated
+here with the input's strides.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import torch
+
+from .buffers import pool
+from .kernels import cpu
+from .layout import channel_view
+
+Tensor = torch.Tensor
+
+ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+
+_local = threading.local()
+
+
+def sync_threads() -> int:
+    """Give Numba torch's thread count, so that both use the same OpenMP team size.
+
+    Numba's count is per Python thread, and so is what this remembers of it: the call
+    into Numba (about 1.3 us) happens only when torch's count changes. torch sets 1
+    thread in DataLoader workers; following it keeps them off the parent's pool.
+    """
+    wanted = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if getattr(_local, "threads", 0) != wanted:
+        numba.set_num_threads(wanted)
+        _local.threads = wanted
+    return wanted
+
+
+_SHAPES: dict[tuple, tuple[int, int, int] | None] = {}
+
+
+def dense_shape(x: Tensor, axis: int) -> tuple[int, int, int] | None:
+    """(A, C, B) of ``x``'s memory around ``axis`` (layout.channel_view), None if it has
+    gaps; remembered per (shape, strides, axis), since working it out costs microseconds."""
+    key = (x.shape, x.stride(), axis)
+    try:
+        return _SHAPES[key]
+    except KeyError:
+        pass
+    view = channel_view(x, axis)
+    shape = None if view is None else tuple(view.shape)
+    if len(_SHAPES) > 1024:
+        _SHAPES.clear()
+    _SHAPES[key] = shape
+    return shape
+
+
+def kernel_input(input: Tensor, axis: int) -> tuple[Tensor, tuple[int, int, int]]:
+    """``input`` itself when float32/float64 with dense memory, else a float32 or dense
+    copy (half precision is computed in float32); with its (A, C, B)."""
+    x = input if input.dtype in ZERO else input.to(torch.float32)
+    shape = dense_shape(x, axis)
+    if shape is None:
+        x = x.contiguous()
+        shape = dense_shape(x, axis)
+    return x, shape
+
+
+def dense(t: Tensor, dtype: torch.dtype, channels: int) -> bool:
+    return t.dtype is dtype and t.numel() == channels and t.is_contiguous()
+
+
+_FILLED: dict[tuple, Tensor] = {}
+
+
+def per_channel(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int) -> Tensor:
+    """A per-channel tensor as ``channels`` dense values of ``dtype``; None (no affine
+    weight or bias) gives a shared tensor of ``fill``, which the kernels only read."""
+    if t is None:
+        key = (dtype, fill, channels)
+        filled = _FILLED.get(key)
+        if filled is None:
+            if len(_FILLED) > 256:
+                _FILLED.clear()
+            filled = _FILLED[key] = torch.full((channels,), fill, dtype=dtype)
+        return filled
+    if not dense(t, dtype, channels):
+        t = t.detach().to(dtype).contiguous()
+    return t
+
+
+def _in_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+    return y if y.dtype is dtype else y.to(dtype)
+
+
+def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int) -> Tensor:
+    """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
+    to the addresses given, each ``C`` values of the compute dtype (float32 for half)."""
+    threads = sync_threads()
+    x, (A, C, B) = kernel_input(input, axis)
+    y = pool.empty_like(x)
+    dtype = x.dtype
+    cpu.forward_train_at(
+        x.data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(), per_channel(bias, dtype, 0.0, C).data_ptr(),
+        y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads, ZERO[dtype],
+    )  # fmt: skip
+    return _in_dtype(y, input.dtype)
+
+
+def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float, axis: int) -> Tensor:
+    """The affine map of Algorithm 2 on a non-empty input."""
+    threads = sync_threads()
+    x, (A, C, B) = kernel_input(input, axis)
+    y = pool.empty_like(x)
+    dtype = x.dtype
+    cpu.forward_eval_at(
+        x.data_ptr(), per_channel(running_mean, dtype, 0.0, C).data_ptr(),
+        per_channel(running_var, dtype, 1.0, C).data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(),
+        per_channel(bias, dtype, 0.0, C).data_ptr(), y.data_ptr(), A, C, B, float(eps), threads, ZERO[dtype],
+    )  # fmt: skip
+    return _in_dtype(y, input.dtype)
+
+
+def backward(grad_output, input, mean, invstd, weight, training: bool, axis: int, input_grad: bool):
+    """(dx, dgamma, dbeta) on a non-empty input; dx is an empty tensor when ``input_grad``
+    is False, dgamma and dbeta are in the compute dtype."""
+    threads = sync_threads()
+    x, (A, C, B) = kernel_input(input, axis)
+    dtype = x.dtype
+    dy = grad_output
+    if dy.dtype is not dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike
+        dy = torch.empty_like(x).copy_(dy)
+    dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
+    dx = pool.empty_like(x) if input_grad else None
+    cpu.backward_at(
+        dy.data_ptr(), x.data_ptr(), per_channel(mean, dtype, 0.0, C).data_ptr(),
+        per_channel(invstd, dtype, 1.0, C).data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(),
+        bool(training), 0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
+        A, C, B, threads, ZERO[dtype],
+    )  # fmt: skip
+    dx = input.new_empty(0) if dx is None else _in_dtype(dx, input.dtype)
+    return dx, dweight, dbias
