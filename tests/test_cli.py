@@ -1,4 +1,4 @@
-"""The command line: bench on one small shape, --help, a bad argument."""
+"""The command line: bench on one small shape, --help, a bad argument; the order of bench's rounds."""
 
 import re
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from batchnorm import cli
+from batchnorm import bench, cli
 
 
 def test_bench_prints_a_filled_table(capsys, tmp_path):
@@ -94,3 +94,13 @@ def test_lab_commands_help_and_bad_name(capsys):
         cli.main(["experiment", "fig2"])
     assert error.value.code == 2
     assert "argument name: invalid choice: 'fig2'" in capsys.readouterr().err
+
+
+def test_alternating_rounds_start_one_place_later():
+    """No function always runs right after the same one (bench._alternating)."""
+    calls = []
+    functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench._alternating(functions, repeat=6, per_round=1, budget=0.0)
+    assert set(times) == {"a", "b", "c"}
+    rounds = "".join(calls[4 * 3 :])  # after four warm-up calls of each
+    assert rounds == "abc" + "bca" + "cab" + "abc" + "bca" + "cab"

@@ -126,7 +126,8 @@ def _alternating(
     functions: dict[str, Callable[[], object]], repeat: int, per_round: int = 5, budget: float = 0.5
 ) -> dict[str, float]:
     """Medians over rounds that call each function in turn, so that drift in the machine's
-    speed hits all of them alike; a round's sample is the median of ``per_round`` calls.
+    speed hits all of them alike, each round starting with the next function; a round's
+    sample is the median of ``per_round`` calls.
 
     At least ``repeat`` rounds; fast rows get more, up to ``budget`` seconds (at most
     50 x ``repeat`` rounds), since their medians need more samples on a noisy machine.
@@ -137,8 +138,13 @@ def _alternating(
     round_seconds = (time.perf_counter() - start) / 4 * per_round
     rounds = max(repeat, 5, min(50 * repeat, int(budget / max(round_seconds, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
+    order = list(functions.items())
+    for round_ in range(rounds):
+        # each round starts one place later: a call runs slower after some callers
+        # (after a torch.compile'd module, about 10 us on a 40 us call), so no
+        # function may always follow the same one
+        shift = round_ % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             samples[name].append(median_time(fn, per_round, warmup=0))
     return {name: statistics.median(values) for name, values in samples.items()}
 
