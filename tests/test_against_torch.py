@@ -60,6 +60,24 @@ def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum):
         assert_same(ours, theirs, x, grad, tol)
 
 
+@pytest.mark.parametrize("rank,layout,dtype", CASES)
+def test_weight_gradients_when_the_input_needs_none(rank, layout, dtype):
+    """A first layer on data: only gamma and beta want gradients (the kernels skip dx)."""
+    ours, theirs = twins(rank, dtype)
+    tol = tolerance(dtype)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = (torch.randn(SHAPES[rank], dtype=dtype) * 3 + 2).contiguous(memory_format=layout)
+        grad = torch.randn(SHAPES[rank], dtype=dtype).contiguous(memory_format=layout)
+        for module in (ours, theirs):
+            module(x).backward(grad)
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert a.grad is not None
+            torch.testing.assert_close(a.grad, b.grad, **tol)
+            a.grad = b.grad = None
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_half_precision_input_computed_in_float32(dtype, layout):

@@ -1,6 +1,6 @@
 """The Numba kernels called on CPU tensors: the checks they cannot make, then addresses.
 
-Every kernel here (kernels/cpu.py, the ``*_at`` functions) receives its tensors as
+Every kernel here (kernels/cpu.py, the ``*_channels_at`` and ``*_rows_at`` functions) receives its tensors as
 data addresses and the (A, C, B) shape of layout.py. On the development machine a
 numpy view of a tensor took 1.5 to 5 us to make and the old array launch spent about
 60 us in Python around a 20 us kernel; an integer argument costs a fraction of a
@@ -107,7 +107,8 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
     dtype = x.dtype
-    cpu.forward_train_at(
+    kernel = cpu.forward_train_rows_at if B == 1 else cpu.forward_train_channels_at
+    kernel(
         x.data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(), per_channel(bias, dtype, 0.0, C).data_ptr(),
         y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads, ZERO[dtype],
     )  # fmt: skip
@@ -120,7 +121,8 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
     dtype = x.dtype
-    cpu.forward_eval_at(
+    kernel = cpu.forward_eval_rows_at if B == 1 else cpu.forward_eval_channels_at
+    kernel(
         x.data_ptr(), per_channel(running_mean, dtype, 0.0, C).data_ptr(),
         per_channel(running_var, dtype, 1.0, C).data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(),
         per_channel(bias, dtype, 0.0, C).data_ptr(), y.data_ptr(), A, C, B, float(eps), threads, ZERO[dtype],
@@ -139,7 +141,8 @@ def backward(grad_output, input, mean, invstd, weight, training: bool, axis: int
         dy = torch.empty_like(x).copy_(dy)
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
-    cpu.backward_at(
+    kernel = cpu.backward_rows_at if B == 1 else cpu.backward_channels_at
+    kernel(
         dy.data_ptr(), x.data_ptr(), per_channel(mean, dtype, 0.0, C).data_ptr(),
         per_channel(invstd, dtype, 1.0, C).data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(),
         bool(training), 0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),

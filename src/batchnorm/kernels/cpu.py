@@ -447,8 +447,11 @@ def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
 # ------------------------------------------- the parallel kernels by address
 #
 # launch.py calls these: a numpy view of a tensor costs 1.5 to 5 us to make, an
-# address a fraction of one. Data is (A, C, B) as above; B == 1 goes to the row
-# kernels as (A, C). Per-channel tensors hold C values of the data's dtype.
+# address a fraction of one. Data is (A, C, B) as above; the ``_rows_at`` kernels
+# take B == 1 data as (A, C), the ``_channels_at`` kernels the rest (they ignore
+# ``threads``; prange splits channels). Per-channel tensors hold C values of the
+# data's dtype. Two functions rather than one with a branch, so that a first call
+# compiles only the kernels its layout uses.
 
 
 @njit(**_serial)
@@ -458,35 +461,54 @@ def _at(address, shape, zero):
 
 
 @njit(**_serial)
-def forward_train_at(x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero):
-    """forward_train_channels or forward_train_rows; the statistics go to mean, invstd, var."""
-    w, b = _at(weight, C, zero), _at(bias, C, zero)
-    m, i, v = _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero)
-    if B == 1:
-        forward_train_rows(_at(x, (A, C), zero), w, b, eps, _at(y, (A, C), zero), m, i, v, threads)
-    else:
-        forward_train_channels(_at(x, (A, C, B), zero), w, b, eps, _at(y, (A, C, B), zero), m, i, v)
+def forward_train_channels_at(x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero):
+    """forward_train_channels; the statistics go to mean, invstd and var."""
+    forward_train_channels(
+        _at(x, (A, C, B), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
+        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero),
+    )  # fmt: skip
 
 
 @njit(**_serial)
-def forward_eval_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, zero):
-    stats = (_at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero), _at(bias, C, zero))
-    if B == 1:
-        forward_eval_rows(_at(x, (A, C), zero), *stats, eps, _at(y, (A, C), zero), threads)
-    else:
-        forward_eval_channels(_at(x, (A, C, B), zero), *stats, eps, _at(y, (A, C, B), zero))
+def forward_train_rows_at(x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero):
+    """forward_train_rows (B == 1); the statistics go to mean, invstd and var."""
+    forward_train_rows(
+        _at(x, (A, C), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C), zero),
+        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads,
+    )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, zero):
-    """backward_channels or backward_rows; no dx when its address is 0."""
-    rows = A if dx != 0 else 0
-    dx = dx if dx != 0 else x  # an empty array at any valid address
-    per_channel = (_at(mean, C, zero), _at(invstd, C, zero), _at(weight, C, zero), training)
-    grads = (_at(dweight, C, zero), _at(dbias, C, zero))
-    if B == 1:
-        dx_rows = _at(dx, (rows, C), zero)
-        backward_rows(_at(dy, (A, C), zero), _at(x, (A, C), zero), *per_channel, dx_rows, *grads, threads)
-    else:
-        dx_channels = _at(dx, (rows, C, B), zero)
-        backward_channels(_at(dy, (A, C, B), zero), _at(x, (A, C, B), zero), *per_channel, dx_channels, *grads)
+def forward_eval_channels_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, zero):
+    forward_eval_channels(
+        _at(x, (A, C, B), zero), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
+        _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
+    )  # fmt: skip
+
+
+@njit(**_serial)
+def forward_eval_rows_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, zero):
+    forward_eval_rows(
+        _at(x, (A, C), zero), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
+        _at(bias, C, zero), eps, _at(y, (A, C), zero), threads,
+    )  # fmt: skip
+
+
+@njit(**_serial)
+def backward_channels_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, zero):
+    """backward_channels; no dx when its address is 0 (an empty array stands in)."""
+    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), zero)
+    backward_channels(
+        _at(dy, (A, C, B), zero), _at(x, (A, C, B), zero), _at(mean, C, zero), _at(invstd, C, zero),
+        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero),
+    )  # fmt: skip
+
+
+@njit(**_serial)
+def backward_rows_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, zero):
+    """backward_rows (B == 1); no dx when its address is 0 (an empty array stands in)."""
+    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C), zero)
+    backward_rows(
+        _at(dy, (A, C), zero), _at(x, (A, C), zero), _at(mean, C, zero), _at(invstd, C, zero),
+        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads,
+    )  # fmt: skip
