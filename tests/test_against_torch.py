@@ -60,6 +60,17 @@ def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum):
         assert_same(ours, theirs, x, grad, tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("row_bytes", [4096 - 64, 4096])
+def test_rows_on_both_sides_of_the_prefetch_threshold(dtype, row_bytes):
+    """The channel kernels prefetch rows shorter than cpu.PREFETCH_ROW_BYTES, not longer ones."""
+    length = row_bytes // (4 if dtype == torch.float32 else 8)
+    ours, theirs = twins(3, dtype)
+    x = torch.randn(6, 5, length, dtype=dtype) * 3 + 2
+    grad = torch.randn(6, 5, length, dtype=dtype)
+    assert_same(ours, theirs, x, grad, tolerance(dtype))
+
+
 @pytest.mark.parametrize("rank,layout,dtype", CASES)
 def test_weight_gradients_when_the_input_needs_none(rank, layout, dtype):
     """A first layer on data: only gamma and beta want gradients (the kernels skip dx)."""

@@ -96,11 +96,13 @@ def test_lab_commands_help_and_bad_name(capsys):
     assert "argument name: invalid choice: 'fig2'" in capsys.readouterr().err
 
 
-def test_alternating_rounds_start_one_place_later():
+def test_alternating_rounds_vary_the_order():
     """No function always runs right after the same one (bench._alternating)."""
     calls = []
-    functions = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = bench._alternating(functions, repeat=6, per_round=1, budget=0.0)
-    assert set(times) == {"a", "b", "c"}
-    rounds = "".join(calls[4 * 3 :])  # after four warm-up calls of each
-    assert rounds == "abc" + "bca" + "cab" + "abc" + "bca" + "cab"
+    functions = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = bench._alternating(functions, repeat=40, per_round=1, budget=0.0)
+    assert set(times) == set("abcd")
+    rounds = ["".join(calls[16 + 4 * r : 20 + 4 * r]) for r in range(40)]  # after four warm-up calls of each
+    assert all(sorted(order) == list("abcd") for order in rounds)
+    pairs = {order[i : i + 2] for order in rounds for i in range(3)}
+    assert pairs == {x + y for x in "abcd" for y in "abcd" if x != y}

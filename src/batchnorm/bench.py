@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -131,8 +132,8 @@ def _alternating(
     functions: dict[str, Callable[[], object]], repeat: int, per_round: int = 5, budget: float = 0.5
 ) -> dict[str, float]:
     """Medians over rounds that call each function in turn, so that drift in the machine's
-    speed hits all of them alike, each round starting with the next function; a round's
-    sample is the median of ``per_round`` calls.
+    speed hits all of them alike, in a shuffled order; a round's sample is the median of
+    ``per_round`` calls.
 
     At least ``repeat`` rounds; fast rows get more, up to ``budget`` seconds (at most
     50 x ``repeat`` rounds), since their medians need more samples on a noisy machine.
@@ -143,13 +144,14 @@ def _alternating(
     round_seconds = (time.perf_counter() - start) / 4 * per_round
     rounds = max(repeat, 5, min(50 * repeat, int(budget / max(round_seconds, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in functions}
+    # a new order every round (the same orders every run): what a call costs depends on
+    # the call before it (the cache it leaves: one kernel timed against a copy of itself
+    # read 8% faster when it came second), so no function may always follow the same one
     order = list(functions.items())
-    for round_ in range(rounds):
-        # each round starts one place later: a call runs slower after some callers
-        # (after a torch.compile'd module, about 10 us on a 40 us call), so no
-        # function may always follow the same one
-        shift = round_ % len(order)
-        for name, fn in order[shift:] + order[:shift]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name, fn in order:
             samples[name].append(median_time(fn, per_round, warmup=0))
     return {name: statistics.median(values) for name, values in samples.items()}
 
