@@ -34,6 +34,21 @@ def _calibrate() -> int:
 
 _IDLE_REFS = _calibrate()
 
+# numpy's large arrays start 16 bytes past a page (malloc's header), so that every
+# other 32-byte AVX store of a kernel's output straddles two cache lines. Buffers here
+# start on 64 bytes, as torch's own do. Measured on the development machine, module
+# against module in shuffled alternating rounds: 32x256x14x14 eval 1.04x to 1.18x
+# faster; forward+backward, and larger shapes, within the noise (0.96x to 1.02x).
+ALIGNMENT = 64
+
+
+def _aligned_empty(count: int, dtype) -> np.ndarray:
+    """An uninitialized 1-D array of ``count`` values whose data starts on an ALIGNMENT boundary."""
+    nbytes = count * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype)
+
 
 class BufferPool:
     def __init__(self, min_bytes: int = 1 << 20, max_idle_bytes: int = 1 << 30) -> None:
@@ -52,7 +67,7 @@ class BufferPool:
             array = self._take_idle(nbytes, dtype)
             if array is None:
                 self._trim(nbytes)
-                array = np.empty(tensor.numel(), dtype)
+                array = _aligned_empty(tensor.numel(), dtype)
                 self._arrays.append(array)
             flat = torch.from_numpy(array)
         return flat.as_strided(tensor.shape, tensor.stride())
