@@ -13,7 +13,7 @@ AXES = [(2, 1), (2, -1), (3, 1), (3, -1), (3, 0), (4, 1), (4, -1), (4, 2), (5, 1
 
 
 @pytest.mark.parametrize("rank,axis", AXES)
-@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced", "offset"])
 def test_train_forward_and_backward_match_float64_oracle(rank, axis, layout):
     shape = [5, 4, 3, 6, 2][:rank]
     x = torch.randn(shape, dtype=torch.float64) * 2 + 3
@@ -22,11 +22,19 @@ def test_train_forward_and_backward_match_float64_oracle(rank, axis, layout):
         x = x.permute(order).contiguous().permute(order)
     elif layout == "sliced":  # memory with gaps: copied once, still exact
         x = torch.randn([2 * shape[0], *shape[1:]], dtype=torch.float64)[::2]
+    elif layout == "offset":  # dense, but not at the start of its storage (the kernels take addresses)
+        x = (torch.randn([shape[0] + 1, *shape[1:]], dtype=torch.float64) * 2 + 3)[1:]
     channels = x.shape[axis]
-    weight = torch.rand(channels, dtype=torch.float64) + 0.5
-    bias = torch.randn(channels, dtype=torch.float64)
-    running_mean = torch.randn(channels, dtype=torch.float64)
-    running_var = torch.rand(channels, dtype=torch.float64) + 0.5
+
+    def per_channel(values):  # every second value of a longer tensor in the "offset" case
+        if layout != "offset":
+            return values
+        return torch.stack([values, torch.full_like(values, float("nan"))], 1).flatten()[::2]
+
+    weight = per_channel(torch.rand(channels, dtype=torch.float64) + 0.5)
+    bias = per_channel(torch.randn(channels, dtype=torch.float64))
+    running_mean = per_channel(torch.randn(channels, dtype=torch.float64))
+    running_var = per_channel(torch.rand(channels, dtype=torch.float64) + 0.5)
     rm0, rv0 = running_mean.clone(), running_var.clone()
     xg = x.clone().requires_grad_(True)
     wg, bg = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)

@@ -7,7 +7,9 @@ numpy view of a tensor took 1.5 to 5 us to make and the old array launch spent a
 microsecond. Since the kernels trust what they get, everything is checked here: a
 float32/float64 input with dense memory (or a converted copy), per-channel tensors
 dense with one value of the data's dtype per channel (or converted), outputs allocated
-here with the input's strides.
+here with the input's strides. Every tensor whose address a kernel gets is held by a
+local variable until the kernel returns: ``per_channel(t).data_ptr()`` written inline
+would hand over the memory of a converted copy already freed.
 """
 
 from __future__ import annotations
@@ -107,10 +109,11 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
     dtype = x.dtype
+    w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     kernel = cpu.forward_train_rows_at if B == 1 else cpu.forward_train_channels_at
     kernel(
-        x.data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(), per_channel(bias, dtype, 0.0, C).data_ptr(),
-        y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads, ZERO[dtype],
+        x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
+        ZERO[dtype],
     )  # fmt: skip
     return _in_dtype(y, input.dtype)
 
@@ -121,11 +124,12 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
     dtype = x.dtype
+    rm, rv = per_channel(running_mean, dtype, 0.0, C), per_channel(running_var, dtype, 1.0, C)
+    w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     kernel = cpu.forward_eval_rows_at if B == 1 else cpu.forward_eval_channels_at
     kernel(
-        x.data_ptr(), per_channel(running_mean, dtype, 0.0, C).data_ptr(),
-        per_channel(running_var, dtype, 1.0, C).data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(),
-        per_channel(bias, dtype, 0.0, C).data_ptr(), y.data_ptr(), A, C, B, float(eps), threads, ZERO[dtype],
+        x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
+        threads, ZERO[dtype],
     )  # fmt: skip
     return _in_dtype(y, input.dtype)
 
@@ -141,12 +145,12 @@ def backward(grad_output, input, mean, invstd, weight, training: bool, axis: int
         dy = torch.empty_like(x).copy_(dy)
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
+    mu, inv = per_channel(mean, dtype, 0.0, C), per_channel(invstd, dtype, 1.0, C)
+    w = per_channel(weight, dtype, 1.0, C)
     kernel = cpu.backward_rows_at if B == 1 else cpu.backward_channels_at
     kernel(
-        dy.data_ptr(), x.data_ptr(), per_channel(mean, dtype, 0.0, C).data_ptr(),
-        per_channel(invstd, dtype, 1.0, C).data_ptr(), per_channel(weight, dtype, 1.0, C).data_ptr(),
-        bool(training), 0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-        A, C, B, threads, ZERO[dtype],
+        dy.data_ptr(), x.data_ptr(), mu.data_ptr(), inv.data_ptr(), w.data_ptr(), bool(training),
+        0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads, ZERO[dtype],
     )  # fmt: skip
     dx = input.new_empty(0) if dx is None else _in_dtype(dx, input.dtype)
     return dx, dweight, dbias
