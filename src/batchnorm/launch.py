@@ -46,16 +46,16 @@ def sync_threads() -> int:
 
 
 _SHAPES: dict[tuple, tuple[int, int, int] | None] = {}
+_UNSEEN = ()  # not a shape: the key has not been looked at yet
 
 
 def dense_shape(x: Tensor, axis: int) -> tuple[int, int, int] | None:
     """(A, C, B) of ``x``'s memory around ``axis`` (layout.channel_view), None if it has
     gaps; remembered per (shape, strides, axis), since working it out costs microseconds."""
     key = (x.shape, x.stride(), axis)
-    try:
-        return _SHAPES[key]
-    except KeyError:
-        pass
+    shape = _SHAPES.get(key, _UNSEEN)
+    if shape is not _UNSEEN:
+        return shape
     view = channel_view(x, axis)
     shape = None if view is None else tuple(view.shape)
     if len(_SHAPES) > 1024:

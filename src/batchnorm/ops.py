@@ -127,9 +127,6 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, m
     return None
 
 
-_ZERO, _dense = launch.ZERO, launch.dense
-
-
 def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
     """The update from one CPU batch's mean and var (or torch's 1/sqrt(var + eps)); every
     CPU caller's way in, ``running`` as (running_mean, running_var, num_batches_tracked, count, momentum).
@@ -142,19 +139,19 @@ def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, ep
     dtype = mean.dtype
     channels = mean.numel()
     if (
-        dtype in _ZERO
-        and _dense(mean, dtype, channels)
-        and _dense(spread, dtype, channels)
-        and _dense(running_mean, dtype, channels)
-        and _dense(running_var, dtype, channels)
-        and (num_batches_tracked is None or _dense(num_batches_tracked, torch.int64, 1))
+        dtype in launch.ZERO
+        and launch.dense(mean, dtype, channels)
+        and launch.dense(spread, dtype, channels)
+        and launch.dense(running_mean, dtype, channels)
+        and launch.dense(running_var, dtype, channels)
+        and (num_batches_tracked is None or launch.dense(num_batches_tracked, torch.int64, 1))
     ):
         counter = 0 if num_batches_tracked is None else num_batches_tracked.data_ptr()
         if momentum < 0 and counter == 0:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         updated = cpu.update_running_stats_at(
             running_mean.data_ptr(), running_var.data_ptr(), counter, mean.data_ptr(), spread.data_ptr(),
-            spread_is_invstd, channels, eps, count, momentum, _ZERO[dtype],
+            spread_is_invstd, channels, eps, count, momentum, launch.ZERO[dtype],
         )  # fmt: skip
     else:
         var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
@@ -367,7 +364,7 @@ def _small_shape(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis
     """
     numel = input.numel()
     low, high = SMALL_CHANNEL_MAJOR
-    if not (low <= numel <= high and numel > 0) or input.dtype not in _ZERO or not input.is_contiguous():
+    if not (low <= numel <= high and numel > 0) or input.dtype not in launch.ZERO or not input.is_contiguous():
         return None
     if torch.is_grad_enabled() and (
         input.requires_grad
@@ -392,7 +389,7 @@ def _train_small(input, weight, bias, eps, running, shape) -> Tensor:
     y = torch.empty_like(input)
     cpu.train_small_at(
         input.data_ptr(), _address(weight), _address(bias), y.data_ptr(), stats.data_ptr(),
-        *shape, float(eps), _ZERO[input.dtype],
+        *shape, float(eps), launch.ZERO[input.dtype],
     )  # fmt: skip
     if running is not None:
         _update_at(running, stats[0], stats[2], False, float(eps))
