@@ -141,6 +141,30 @@ def test_nonfinite_batch_skips_update_with_warning():
     assert torch.isfinite(module(torch.randn(2, 3, 2, 2))).all()
 
 
+@pytest.mark.parametrize("buffers", ["in the kernel call", "apart"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_running_update_in_the_kernel_call_or_apart(buffers, layout):
+    """float32 buffers go with the forward kernel's call (launch.running_addresses); float64
+    buffers on float32 data take the separate update. Both match torch's layer over three
+    batches, and both refuse a non-finite batch with the warning."""
+    ours, theirs = batchnorm.BatchNorm2d(6), torch.nn.BatchNorm2d(6)
+    if buffers == "apart":
+        ours.running_mean, ours.running_var = ours.running_mean.double(), ours.running_var.double()
+    for _ in range(3):
+        x = (torch.randn(5, 6, 4, 3) * 3 + 2).contiguous(memory_format=layout)
+        ours(x), theirs(x)
+    torch.testing.assert_close(ours.running_mean.float(), theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var.float(), theirs.running_var, rtol=1e-5, atol=1e-6)
+    assert int(ours.num_batches_tracked) == 3
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(5, 6, 4, 3).contiguous(memory_format=layout)
+    x[2, 4, 1, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"^batch norm: the training batch has NaN or infinite values, so"):
+        ours(x)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_float32_statistics_and_gradients_to_1e_5(layout):
     """float32 data with an offset: the channels_last kernels sum blocks of rows in float32

@@ -98,24 +98,55 @@ def per_channel(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int
     return t
 
 
-def _in_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+def in_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``y`` itself when of ``dtype``, else a converted copy."""
     return y if y.dtype is dtype else y.to(dtype)
 
 
-def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int) -> Tensor:
+def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, int, int] | None:
+    """Addresses of (running_mean, running_var, num_batches_tracked) for the kernels' running
+    update, the counter's 0 when there is none; None when the buffers are not ``channels``
+    dense values of ``dtype`` (the counter one int64), which the torch-ops update takes.
+
+    ``running`` is (running_mean, running_var, num_batches_tracked, count, momentum);
+    momentum < 0 (the cumulative average) needs the counter.
+    """
+    running_mean, running_var, num_batches_tracked, _count, momentum = running
+    if not (
+        dense(running_mean, dtype, channels)
+        and dense(running_var, dtype, channels)
+        and (num_batches_tracked is None or dense(num_batches_tracked, torch.int64, 1))
+    ):
+        return None
+    if momentum < 0 and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    counter = 0 if num_batches_tracked is None else num_batches_tracked.data_ptr()
+    return running_mean.data_ptr(), running_var.data_ptr(), counter
+
+
+def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None):
     """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
-    to the addresses given, each ``C`` values of the compute dtype (float32 for half)."""
+    to the addresses given, each ``C`` values of the compute dtype (float32 for half).
+
+    With ``running`` (as in running_addresses) whose buffers running_addresses takes, the
+    kernel call also makes the running update. Returns (y, updated): ``updated`` is None
+    when no update was made (no ``running``, or buffers left to the caller), else whether
+    it was made (False: the statistics were not finite and nothing changed).
+    """
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
     dtype = x.dtype
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
+    buffers = None if running is None else running_addresses(running, dtype, C)
+    running_mean, running_var, counter = buffers or (0, 0, 0)
+    momentum = float(running[4]) if buffers else 0.0
     kernel = cpu.forward_train_rows_at if B == 1 else cpu.forward_train_channels_at
-    kernel(
+    updated = kernel(
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
-        ZERO[dtype],
+        ZERO[dtype], running_mean, running_var, counter, momentum,
     )  # fmt: skip
-    return _in_dtype(y, input.dtype)
+    return in_dtype(y, input.dtype), (updated if buffers else None)
 
 
 def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float, axis: int) -> Tensor:
@@ -131,12 +162,14 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
         x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
         threads, ZERO[dtype],
     )  # fmt: skip
-    return _in_dtype(y, input.dtype)
+    return in_dtype(y, input.dtype)
 
 
-def backward(grad_output, input, mean, invstd, weight, training: bool, axis: int, input_grad: bool):
-    """(dx, dgamma, dbeta) on a non-empty input; dx is an empty tensor when ``input_grad``
-    is False, dgamma and dbeta are in the compute dtype."""
+def backward(grad_output, input, mean: int, invstd: int, weight, training: bool, axis: int, input_grad: bool):
+    """(dx, dgamma, dbeta) on a non-empty input, with the statistics at the addresses
+    ``mean`` and ``invstd`` (``C`` values of the compute dtype each, float32 for half);
+    dx is an empty tensor when ``input_grad`` is False, dgamma and dbeta are in the
+    compute dtype."""
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
     dtype = x.dtype
@@ -145,12 +178,11 @@ def backward(grad_output, input, mean, invstd, weight, training: bool, axis: int
         dy = torch.empty_like(x).copy_(dy)
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
-    mu, inv = per_channel(mean, dtype, 0.0, C), per_channel(invstd, dtype, 1.0, C)
     w = per_channel(weight, dtype, 1.0, C)
     kernel = cpu.backward_rows_at if B == 1 else cpu.backward_channels_at
     kernel(
-        dy.data_ptr(), x.data_ptr(), mu.data_ptr(), inv.data_ptr(), w.data_ptr(), bool(training),
+        dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads, ZERO[dtype],
     )  # fmt: skip
-    dx = input.new_empty(0) if dx is None else _in_dtype(dx, input.dtype)
+    dx = input.new_empty(0) if dx is None else in_dtype(dx, input.dtype)
     return dx, dweight, dbias

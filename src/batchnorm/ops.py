@@ -79,7 +79,7 @@ def _forward_train_cpu(input, weight, bias, eps, axis):
         return _empty_like_view(input, input.dtype), empty, empty.clone(), empty.clone()
     # three tensors, not views of one: a custom op's outputs must not alias
     mean, invstd, var = (torch.empty(channels, dtype=stat) for _ in range(3))
-    y = launch.train(input, weight, bias, eps, axis, mean.data_ptr(), invstd.data_ptr(), var.data_ptr())
+    y, _ = launch.train(input, weight, bias, eps, axis, mean.data_ptr(), invstd.data_ptr(), var.data_ptr())
     return y, mean, invstd, var
 
 
@@ -138,27 +138,24 @@ def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, ep
     running_mean, running_var, num_batches_tracked, count, momentum = running
     dtype = mean.dtype
     channels = mean.numel()
-    if (
-        dtype in launch.ZERO
-        and launch.dense(mean, dtype, channels)
-        and launch.dense(spread, dtype, channels)
-        and launch.dense(running_mean, dtype, channels)
-        and launch.dense(running_var, dtype, channels)
-        and (num_batches_tracked is None or launch.dense(num_batches_tracked, torch.int64, 1))
-    ):
-        counter = 0 if num_batches_tracked is None else num_batches_tracked.data_ptr()
-        if momentum < 0 and counter == 0:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    buffers = None
+    if dtype in launch.ZERO and launch.dense(mean, dtype, channels) and launch.dense(spread, dtype, channels):
+        buffers = launch.running_addresses(running, dtype, channels)
+    if buffers is not None:
         updated = cpu.update_running_stats_at(
-            running_mean.data_ptr(), running_var.data_ptr(), counter, mean.data_ptr(), spread.data_ptr(),
-            spread_is_invstd, channels, eps, count, momentum, launch.ZERO[dtype],
+            *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, count, momentum,
+            launch.ZERO[dtype],
         )  # fmt: skip
     else:
         var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
         updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
         reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     if not updated:
-        warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=4)
+        _warn_nonfinite(stacklevel=5)
+
+
+def _warn_nonfinite(stacklevel: int) -> None:
+    warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=stacklevel)
 
 
 # -------------------------------------------------------------- forward, eval
@@ -227,7 +224,10 @@ def _backward_cpu(grad_output, input, mean, invstd, weight, training, axis, inpu
         stat = reference.compute_dtype(input.dtype)
         dweight, dbias = torch.zeros(channels, dtype=stat), torch.zeros(channels, dtype=stat)
         return (_empty_like_view(input, input.dtype) if input_grad else input.new_empty(0)), dweight, dbias
-    return launch.backward(grad_output, input, mean, invstd, weight, training, axis, input_grad)
+    stat = reference.compute_dtype(input.dtype)
+    channels = input.shape[axis]
+    mu, inv = launch.per_channel(mean, stat, 0.0, channels), launch.per_channel(invstd, stat, 1.0, channels)
+    return launch.backward(grad_output, input, mu.data_ptr(), inv.data_ptr(), weight, training, axis, input_grad)
 
 
 @backward.register_fake
@@ -244,7 +244,10 @@ def _backward_fake(grad_output, input, mean, invstd, weight, training, axis, inp
 def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training):
     """Fast kernel for a plain backward; the differentiable formula under create_graph.
 
-    ``needs`` says which of (input, weight, bias) want a gradient.
+    ``needs`` says which of (input, weight, bias) want a gradient. The kernel is
+    ``ctx.backward_kernel`` (the backward op when unset); mean and invstd are what it
+    takes: tensors, or addresses for launch.backward (which only a training forward
+    passes, and training recomputes them under create_graph).
     """
     needs_input, needs_weight, needs_bias = needs
     if torch.is_grad_enabled():
@@ -256,8 +259,9 @@ def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training):
     else:
         kernel = getattr(ctx, "backward_kernel", backward)
         dx, dweight, dbias = kernel(grad_output, input, mean, invstd, weight, training, ctx.axis, needs_input)
-    grad_weight = dweight.to(weight.dtype) if needs_weight and weight is not None else None
-    grad_bias = dbias.to(weight.dtype if weight is not None else dbias.dtype) if needs_bias else None
+    dtype = dbias.dtype if weight is None else weight.dtype
+    grad_weight = launch.in_dtype(dweight, dtype) if needs_weight and weight is not None else None
+    grad_bias = launch.in_dtype(dbias, dtype) if needs_bias else None
     return (dx if needs_input else None), grad_weight, grad_bias
 
 
@@ -318,6 +322,7 @@ class _EagerTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, eps, axis, running):
+        updated = None
         if _forked_child or input.numel() == 0:
             y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
             stats = torch.stack(stats)
@@ -325,19 +330,28 @@ class _EagerTrain(torch.autograd.Function):
             stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
             mean = stats.data_ptr()
             step = stats.stride(0) * stats.element_size()
-            y = launch.train(input, weight, bias, eps, axis, mean, mean + step, mean + 2 * step)
-        if running is not None:
+            # the kernel call makes the running update too, when launch can pass the buffers
+            y, updated = launch.train(input, weight, bias, eps, axis, mean, mean + step, mean + 2 * step, running)
+        if updated is False:
+            _warn_nonfinite(stacklevel=4)
+        elif updated is None and running is not None:
             _update_at(running, stats[0], stats[2], False, float(eps))
         ctx.save_for_backward(input, weight)
         ctx.stats = stats
         ctx.eps, ctx.axis = eps, axis
-        ctx.backward_kernel = _backward_cpu
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        mean, invstd = ctx.stats[0], ctx.stats[1]
+        stats = ctx.stats
+        if _forked_child or input.numel() == 0:
+            mean, invstd = stats[0], stats[1]
+            ctx.backward_kernel = _backward_cpu
+        else:  # straight to the kernels, the statistics by address
+            mean = stats.data_ptr()
+            invstd = mean + stats.stride(0) * stats.element_size()
+            ctx.backward_kernel = launch.backward
         dx, dweight, dbias = _gradients(ctx, ctx.needs_input_grad[:3], grad_output, input, mean, invstd, weight, True)
         return dx, dweight, dbias, None, None, None
 

@@ -527,21 +527,39 @@ def _at(address, shape, zero):
 
 
 @njit(**_serial)
-def forward_train_channels_at(x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero):
-    """forward_train_channels; the statistics go to mean, invstd and var."""
+def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum, zero):
+    """The running update after a forward by address (update_running_stats_at), or True
+    with nothing to do when ``running_mean`` is 0."""
+    if running_mean == 0:
+        return True
+    return update_running_stats_at(running_mean, running_var, counter, mean, var, False, C, 0.0, m, momentum, zero)
+
+
+@njit(**_serial)
+def forward_train_channels_at(
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero, running_mean, running_var, counter, momentum
+):
+    """forward_train_channels; the statistics go to mean, invstd and var, then the
+    running update of update_running_stats_at unless ``running_mean`` is 0 (one call
+    from Python instead of two). Returns False when the update was refused (statistics
+    not finite)."""
     forward_train_channels(
         _at(x, (A, C, B), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
         _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero),
     )  # fmt: skip
+    return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
 
 
 @njit(**_serial)
-def forward_train_rows_at(x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero):
-    """forward_train_rows (B == 1); the statistics go to mean, invstd and var."""
+def forward_train_rows_at(
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero, running_mean, running_var, counter, momentum
+):
+    """forward_train_rows (B == 1); statistics, update and result as forward_train_channels_at."""
     forward_train_rows(
         _at(x, (A, C), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C), zero),
         _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads,
     )  # fmt: skip
+    return _update_after(running_mean, running_var, counter, mean, var, C, A, momentum, zero)
 
 
 @njit(**_serial)
