@@ -106,3 +106,22 @@ def test_alternating_rounds_vary_the_order():
     assert all(sorted(order) == list("abcd") for order in rounds)
     pairs = {order[i : i + 2] for order in rounds for i in range(3)}
     assert pairs == {x + y for x in "abcd" for y in "abcd" if x != y}
+
+
+def test_bench_floor_column_and_lines():
+    """A 4-D forward+backward row gets the five-pass floor, timed in its rounds; the ratio to
+    torch's best layout ignores the floor, and the floor lines say what the targets need."""
+    rows = bench.measure([(2, 3, 4, 4)], repeat=2, with_compile=False)
+    for row in rows:
+        assert (bench.FLOOR in row.times) == (row.operation == "forward+backward"), row
+        assert all(t > 0 for t in row.times.values())
+    made_up = bench.Row(
+        (2, 3, 4, 4), "NCHW", "forward+backward",
+        {"batchnorm": 2e-3, "torch NCHW": 6e-3, "torch channels_last": 3e-3, bench.FLOOR: 1e-3},
+    )  # fmt: skip
+    text = bench.report([made_up], 1e10, 1 << 20, None)
+    assert "| 2x3x4x4 | NCHW | forward+backward | 2.000 | 6.000 | 3.000 | 1.000 | 3.00x | 1.50x |" in text
+    assert (
+        "- 2x3x4x4 NCHW: floor 1.000 ms, ours 2.000 ms (2.00x the floor); 3x torch's same layout needs "
+        "2.000 ms (2.00x the floor), 1.3x its faster layout 2.308 ms (2.31x the floor)"
+    ) in text

@@ -97,6 +97,21 @@ def _operation(module: torch.nn.Module, x: torch.Tensor, operation: str) -> Call
     return step
 
 
+FLOOR = "5-pass floor"
+
+
+def _five_passes(x: torch.Tensor) -> Callable[[], object]:
+    """The memory traffic every forward+backward has, and nothing else: y = x (read x, write
+    y) and dx = dy + x (read dy and x, write dx), torch's copy and add into outputs made once."""
+    dy, y, dx = torch.randn_like(x), torch.empty_like(x), torch.empty_like(x)
+
+    def passes():
+        y.copy_(x)
+        torch.add(dy, x, out=dx)
+
+    return passes
+
+
 def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
     """For each row, every eager implementation is called in turn, ``repeat`` rounds or more, so
     that the machine's drift during the run hits all of them alike; the median over rounds.
@@ -116,6 +131,8 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
                     calls["torch channels_last"] = _operation(theirs, _layout(base, "channels_last"), operation)
                 else:
                     calls["torch"] = _operation(theirs, x, operation)
+                if rank == 4 and operation == "forward+backward":
+                    calls[FLOOR] = _five_passes(x)  # in the same rounds: the same cache pressure
                 times = _alternating(calls, repeat, per_round=1)
                 if with_compile:
                     # rounds of its own: an eager call right after a compiled one ran slower
@@ -246,7 +263,7 @@ def report(
     for row in rows:
         ours = row.times["batchnorm"]
         same = row.times.get({"NCHW": "torch NCHW", "channels_last": "torch channels_last"}.get(row.layout, "torch"))
-        best = min(t for name, t in row.times.items() if name != "batchnorm")
+        best = min(t for name, t in row.times.items() if name.startswith("torch"))
         cells = [
             "x".join(map(str, row.shape)),
             row.layout,
@@ -265,6 +282,23 @@ def report(
                 f"forward-train {'x'.join(map(str, row.shape))} {row.layout}: {achieved / 1e9:.1f} GB/s "
                 f"= {100 * achieved / bandwidth:.0f}% of the copy bandwidth (8 bytes per element)"
             )
+    floors = [row for row in rows if FLOOR in row.times]
+    if floors:
+        lines.append("")
+        lines.append(
+            f"forward+backward against its memory floor ({FLOOR}: torch's copy y = x and add dx = dy + x, "
+            "five tensor passes, timed in the same rounds), and the times the targets ask for:"
+        )
+    for row in floors:
+        same = row.times["torch NCHW" if row.layout == "NCHW" else "torch channels_last"]
+        best = min(row.times["torch NCHW"], row.times["torch channels_last"])
+        floor, ours = row.times[FLOOR], row.times["batchnorm"]
+        lines.append(
+            f"- {'x'.join(map(str, row.shape))} {row.layout}: floor {_ms(floor)} ms, ours {_ms(ours)} ms "
+            f"({ours / floor:.2f}x the floor); 3x torch's same layout needs {_ms(same / 3)} ms "
+            f"({same / 3 / floor:.2f}x the floor), 1.3x its faster layout {_ms(best / 1.3)} ms "
+            f"({best / 1.3 / floor:.2f}x the floor)"
+        )
     if mixed:
         lines.append("")
         lines.append(
