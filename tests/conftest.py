@@ -33,3 +33,12 @@ def _seed_and_numba_kernels(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 0)
     monkeypatch.setattr(batchnorm.ops, "SMALL_CHANNEL_MAJOR", (0, 0))
+
+
+@pytest.fixture(params=["in memory order", "channel-major"])
+def kernel_order(request, monkeypatch):
+    """Both kernel families for NCHW-like data (B > 1): the small test shapes go to the
+    memory-order kernels (launch.STREAM_MAX_BYTES); with the limit at 0, to the channel-major ones."""
+    if request.param == "channel-major":
+        monkeypatch.setattr(batchnorm.launch, "STREAM_MAX_BYTES", 0)
+    return request.param

@@ -6,6 +6,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from batchnorm import launch
+from batchnorm.kernels import cpu
+
 import oracle
 from conftest import LAYOUTS, OURS, SHAPES, TORCH, tolerance
 
@@ -49,7 +52,7 @@ def assert_same(ours, theirs, x, grad, tol):
 
 @pytest.mark.parametrize("rank,layout,dtype", CASES)
 @pytest.mark.parametrize("affine,track,momentum", list(itertools.product([True, False], [True, False], [0.1, None])))
-def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum):
+def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum, kernel_order):
     ours, theirs = twins(rank, dtype, affine=affine, track_running_stats=track, momentum=momentum)
     tol = tolerance(dtype)
     for mode in ("train", "train", "train", "eval", "train"):
@@ -62,8 +65,9 @@ def test_matches_torch_over_steps(rank, layout, dtype, affine, track, momentum):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("row_bytes", [4096 - 64, 4096])
-def test_rows_on_both_sides_of_the_prefetch_threshold(dtype, row_bytes):
-    """The channel kernels prefetch rows shorter than cpu.PREFETCH_ROW_BYTES, not longer ones."""
+def test_rows_on_both_sides_of_the_prefetch_threshold(dtype, row_bytes, monkeypatch):
+    """The channel-major kernels prefetch rows shorter than cpu.PREFETCH_ROW_BYTES, not longer ones."""
+    monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
     length = row_bytes // (4 if dtype == torch.float32 else 8)
     ours, theirs = twins(3, dtype)
     x = torch.randn(6, 5, length, dtype=dtype) * 3 + 2
@@ -72,7 +76,7 @@ def test_rows_on_both_sides_of_the_prefetch_threshold(dtype, row_bytes):
 
 
 @pytest.mark.parametrize("rank,layout,dtype", CASES)
-def test_weight_gradients_when_the_input_needs_none(rank, layout, dtype):
+def test_weight_gradients_when_the_input_needs_none(rank, layout, dtype, kernel_order):
     """A first layer on data: only gamma and beta want gradients (the kernels skip dx)."""
     ours, theirs = twins(rank, dtype)
     tol = tolerance(dtype)
@@ -203,3 +207,28 @@ def test_bias_false_as_torch():
     assert repr(ours) == repr(theirs)
     x = torch.randn(4, 5, 3, 3)
     torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_which_kernels_take_nchw_data(monkeypatch):
+    """Memory order for rows shorter than cpu.PREFETCH_ROW_BYTES in a tensor of at most
+    launch.STREAM_MAX_BYTES, channel-major otherwise."""
+    monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 1 << 24)
+    short = cpu.PREFETCH_ROW_BYTES // 4 - 1  # float32 values in a row just under the threshold
+    assert launch._in_memory_order(32, 256, 196, 4)
+    assert launch._in_memory_order(4, 8, short, 4)
+    assert not launch._in_memory_order(4, 8, short + 1, 4)  # a 4 KiB row
+    rows = (1 << 24) // (short * 4)
+    assert launch._in_memory_order(rows, 1, short, 4)
+    assert not launch._in_memory_order(rows + 1, 1, short, 4)
+    assert not launch._in_memory_order(128, 256, 196, 4)  # 26 MB
+
+
+def test_last_level_cache_bytes_reads_the_index_entries(tmp_path):
+    for name, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "uevent").write_text("")  # a file next to the index directories, as in sysfs
+    assert launch.last_level_cache_bytes(str(tmp_path)) == 32 * 1024**2
+    (tmp_path / "index3" / "size").write_text("8M\n")
+    assert launch.last_level_cache_bytes(str(tmp_path)) == 8 * 1024**2
+    assert launch.last_level_cache_bytes(str(tmp_path / "missing")) == 32 * 1024**2

@@ -14,7 +14,7 @@ AXES = [(2, 1), (2, -1), (3, 1), (3, -1), (3, 0), (4, 1), (4, -1), (4, 2), (5, 1
 
 @pytest.mark.parametrize("rank,axis", AXES)
 @pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced", "offset"])
-def test_train_forward_and_backward_match_float64_oracle(rank, axis, layout):
+def test_train_forward_and_backward_match_float64_oracle(rank, axis, layout, kernel_order):
     shape = [5, 4, 3, 6, 2][:rank]
     x = torch.randn(shape, dtype=torch.float64) * 2 + 3
     if layout == "permuted":  # dense memory in another order than the logical one
@@ -60,7 +60,7 @@ def test_train_forward_and_backward_match_float64_oracle(rank, axis, layout):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_offset_variance_exact(layout, dtype):
+def test_large_offset_variance_exact(layout, dtype, kernel_order):
     """Mean 1e4, standard deviation 1: E[x^2] - E[x]^2 in float32 gets this wrong."""
     x = (torch.randn(64, 3, 16, 16, dtype=torch.float64) + 1e4).to(dtype).contiguous(memory_format=layout)
     module = batchnorm.BatchNorm2d(3, momentum=1.0).to(dtype)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numba
 import torch
 
+from .launch import last_level_cache_bytes
 from .layers import BatchNorm1d, BatchNorm2d
 
 SHAPES = [(64, 64, 32, 32), (32, 256, 14, 14), (64, 64, 56, 56), (256, 1024), (128, 16, 40)]
@@ -45,19 +46,6 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
-
-
-def last_level_cache_bytes() -> int:
-    sizes = []
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            with open(os.path.join(base, entry, "size")) as handle:
-                text = handle.read().strip()
-            sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}.get(text[-1], 1))
-    except (OSError, ValueError):
-        return 32 * 1024**2
-    return max(sizes) if sizes else 32 * 1024**2
 
 
 def copy_bandwidth(repeat: int) -> tuple[float, int]:

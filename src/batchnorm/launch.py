@@ -14,6 +14,7 @@ would hand over the memory of a converted copy already freed.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -43,6 +44,32 @@ def sync_threads() -> int:
         numba.set_num_threads(wanted)
         _local.threads = wanted
     return wanted
+
+
+def last_level_cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest cache of CPU 0 in bytes, from sysfs (``index*/size``); 32 MiB when unknown."""
+    sizes = []
+    try:
+        for entry in os.listdir(base):
+            if entry.startswith("index"):
+                with open(os.path.join(base, entry, "size")) as handle:
+                    text = handle.read().strip()
+                sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}.get(text[-1], 1))
+    except (OSError, ValueError):
+        return 32 * 1024**2
+    return max(sizes) if sizes else 32 * 1024**2
+
+
+# NCHW-like data (B > 1) goes to the kernels in memory order (cpu.forward_train_stream,
+# cpu.backward_stream) when its rows are shorter than cpu.PREFETCH_ROW_BYTES and the tensor
+# takes at most STREAM_MAX_BYTES, so that the second pass finds the input in the
+# last-level cache (the backward's two inputs together fill it); else to the channel-major
+# kernels. See cpu.py for the measurements.
+STREAM_MAX_BYTES = last_level_cache_bytes() // 2
+
+
+def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
+    return B * itemsize < cpu.PREFETCH_ROW_BYTES and A * C * B * itemsize <= STREAM_MAX_BYTES
 
 
 _SHAPES: dict[tuple, tuple[int, int, int] | None] = {}
@@ -141,7 +168,12 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
-    kernel = cpu.forward_train_rows_at if B == 1 else cpu.forward_train_channels_at
+    if B == 1:
+        kernel = cpu.forward_train_rows_at
+    elif _in_memory_order(A, C, B, x.element_size()):
+        kernel = cpu.forward_train_stream_at
+    else:
+        kernel = cpu.forward_train_channels_at
     updated = kernel(
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
         ZERO[dtype], running_mean, running_var, counter, momentum,
@@ -179,7 +211,12 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
     w = per_channel(weight, dtype, 1.0, C)
-    kernel = cpu.backward_rows_at if B == 1 else cpu.backward_channels_at
+    if B == 1:
+        kernel = cpu.backward_rows_at
+    elif _in_memory_order(A, C, B, x.element_size()):
+        kernel = cpu.backward_stream_at
+    else:
+        kernel = cpu.backward_channels_at
     kernel(
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads, ZERO[dtype],
