@@ -232,3 +232,23 @@ def test_last_level_cache_bytes_reads_the_index_entries(tmp_path):
     (tmp_path / "index3" / "size").write_text("8M\n")
     assert launch.last_level_cache_bytes(str(tmp_path)) == 8 * 1024**2
     assert launch.last_level_cache_bytes(str(tmp_path / "missing")) == 32 * 1024**2
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing requires grad"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_unrecorded_calls_skip_autograd_and_match_torch(context, layout, kernel_order):
+    """Calls autograd does not record go to the kernels without the autograd.Function
+    (ops._recorded): same outputs and running statistics as torch's layer, no grad_fn."""
+    ours, theirs = twins(4, torch.float32, affine=context != "nothing requires grad")
+    manager = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(context, torch.enable_grad)
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = (torch.randn(6, 5, 4, 3) * 2 + 1).contiguous(memory_format=layout)
+        with manager():
+            y1, y2 = ours(x), theirs(x)
+        assert y1.grad_fn is None and not y1.requires_grad
+        assert y1.stride() == x.stride()
+        torch.testing.assert_close(y1, y2, **tolerance(torch.float32))
+        for name, buffer in theirs.named_buffers():
+            torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, **tolerance(torch.float32))

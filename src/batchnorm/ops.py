@@ -316,26 +316,43 @@ def eager(*tensors: Tensor | None) -> bool:
     return True
 
 
+def _recorded(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on these tensors."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _train_cpu(input, weight, bias, eps, axis, running) -> tuple[Tensor, Tensor]:
+    """forward_train and the running update in one call: (y, the (3, C) statistics:
+    mean, invstd and the biased var)."""
+    updated = None
+    if _forked_child or input.numel() == 0:
+        y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
+        stats = torch.stack(stats)
+    else:
+        stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
+        mean = stats.data_ptr()
+        step = stats.stride(0) * stats.element_size()
+        # the kernel call makes the running update too, when launch can pass the buffers
+        y, updated = launch.train(input, weight, bias, eps, axis, mean, mean + step, mean + 2 * step, running)
+    if updated is False:
+        _warn_nonfinite(stacklevel=4)
+    elif updated is None and running is not None:
+        _update_at(running, stats[0], stats[2], False, float(eps))
+    return y, stats
+
+
 class _EagerTrain(torch.autograd.Function):
-    """forward_train and the running update in one call. Only the output is returned;
-    the statistics, one (3, C) tensor of mean, invstd and var, stay on ctx for the backward."""
+    """_train_cpu under autograd. Only the output is returned; the statistics stay on
+    ctx for the backward."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, eps, axis, running):
-        updated = None
-        if _forked_child or input.numel() == 0:
-            y, *stats = _forward_train_cpu(input, weight, bias, eps, axis)
-            stats = torch.stack(stats)
-        else:
-            stats = torch.empty(3, input.shape[axis], dtype=reference.compute_dtype(input.dtype))
-            mean = stats.data_ptr()
-            step = stats.stride(0) * stats.element_size()
-            # the kernel call makes the running update too, when launch can pass the buffers
-            y, updated = launch.train(input, weight, bias, eps, axis, mean, mean + step, mean + 2 * step, running)
-        if updated is False:
-            _warn_nonfinite(stacklevel=4)
-        elif updated is None and running is not None:
-            _update_at(running, stats[0], stats[2], False, float(eps))
+        y, stats = _train_cpu(input, weight, bias, eps, axis, running)
         ctx.save_for_backward(input, weight)
         ctx.stats = stats
         ctx.eps, ctx.axis = eps, axis
@@ -380,11 +397,7 @@ def _small_shape(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis
     low, high = SMALL_CHANNEL_MAJOR
     if not (low <= numel <= high and numel > 0) or input.dtype not in launch.ZERO or not input.is_contiguous():
         return None
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if _recorded(input, weight, bias):
         return None
     shape = input.shape
     channels = shape[axis]
@@ -450,7 +463,11 @@ def train(input, weight, bias, eps, axis, running=None):
             if running is not None:
                 _update_at(running, mean, invstd, True, float(eps))
             return y
-        return _EagerTrain.apply(input, weight, bias, eps, axis, running)
+        if _recorded(input, weight, bias):
+            return _EagerTrain.apply(input, weight, bias, eps, axis, running)
+        # nothing to record: without autograd.Function's machinery (tens of microseconds
+        # when the caches are cold)
+        return _train_cpu(input, weight, bias, eps, axis, running)[0]
     y, mean, _invstd, var = forward_train(input, weight, bias, eps, axis)
     if running is not None:
         update_running_stats(*running[:3], mean, var, *running[3:])
@@ -462,5 +479,7 @@ def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
     if eager(input, running_mean, running_var, weight, bias):
         if _small(input, axis):
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-        return _EagerEval.apply(input, running_mean, running_var, weight, bias, eps, axis)
+        if _recorded(input, weight, bias):
+            return _EagerEval.apply(input, running_mean, running_var, weight, bias, eps, axis)
+        return _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
     return forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
