@@ -120,3 +120,35 @@ def test_make_fx_graph_has_one_op_per_call():
     graph = make_fx(fn)(torch.randn(4, 3, 5), torch.ones(3), torch.zeros(3))
     targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
     assert targets.count("batchnorm.forward_train.default") == 1
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mode", ["train without running statistics", "eval"])
+def test_torch_func_grad_and_vmap_match_torch(mode, layout):
+    """Under torch.func transforms the layer runs the differentiable torch ops of
+    kernels/reference.py (ops._transformed): grad and vmap agree with torch's layer."""
+    kwargs = {"track_running_stats": False} if mode != "eval" else {}
+    ours, theirs = batchnorm.BatchNorm2d(3, **kwargs), torch.nn.BatchNorm2d(3, **kwargs)
+    if mode == "eval":
+        for module in (ours, theirs):
+            module.eval()
+            module.running_mean.copy_(torch.tensor([0.3, -1.0, 2.0]))
+            module.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+            module.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = (torch.randn(4, 3, 5, 5) * 2 + 1).contiguous(memory_format=layout)
+    k = torch.arange(1.0, 4.0).view(1, 3, 1, 1)
+    grads = [torch.func.grad(lambda x, m=m: (m(x) ** 2 * k).sum())(x) for m in (ours, theirs)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    batch = torch.randn(2, 4, 3, 5, 5)
+    torch.testing.assert_close(torch.func.vmap(ours)(batch), torch.func.vmap(theirs)(batch), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_func_grad_with_running_statistics_fails_as_torchs():
+    """Updating captured running buffers inside torch.func.grad is refused, by torch's layer too."""
+    x = torch.randn(4, 3, 5, 5)
+    for module in (batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        with pytest.raises(RuntimeError, match="would mutate a captured Tensor"):
+            torch.func.grad(lambda x, m=module: m(x).sum())(x)
