@@ -304,18 +304,19 @@ torch.library.register_autograd("batchnorm::forward_eval", _backward_forward_eva
 # an autograd.Function instead; everything else goes through the ops above.
 
 
-def eager(*tensors: Tensor | None) -> bool:
+def eager(input: Tensor, *tensors: Tensor | None) -> bool:
     """True when the CPU implementations may be called directly: no compile, no tracing,
-    no mode, no torch.func transform, and plain CPU tensors (not subclasses, not functorch
-    wrappers, which the custom ops handle)."""
+    no mode, no torch.func transform (see _transformed), and plain CPU tensors (not
+    subclasses). An input that is a functorch wrapper left over from a finished transform
+    has no storage; the custom ops unwrap it."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    if torch._C._is_torch_function_mode_enabled():
+    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
         return False
-    for t in tensors:
-        if t is not None and (
-            type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu or _functorch_wrapped(t)
-        ):
+    if _functorch_wrapped(input):
+        return False
+    for t in (input, *tensors):
+        if t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu):
             return False
     return True
 
@@ -332,7 +333,8 @@ _c_apply = torch._C._FunctionBase.__dict__["apply"]
 
 def _transformed() -> bool:
     """Inside a torch.func transform (grad, vmap, ...): the custom ops' autograd does not
-    support them, so the differentiable torch ops of kernels/reference.py run instead."""
+    support them, so the differentiable torch ops of kernels/reference.py run instead
+    (asked only once eager() has said no)."""
     return torch._C._are_functorch_transforms_active()
 
 
@@ -478,11 +480,6 @@ def train(input, weight, bias, eps, axis, running=None):
     """
     if running is not None and running[3] < 2:
         running = None
-    if _transformed():
-        y, mean, _invstd, var = reference.forward_train(input, weight, bias, eps, axis)
-        if running is not None:
-            reference.update_running_stats(*running[:3], mean.detach(), var.detach(), *running[3:])
-        return y
     if eager(input, weight, bias, *(running[:3] if running is not None else ())):
         small = _small_shape(input, weight, bias, axis)
         if small is not None:
@@ -497,6 +494,11 @@ def train(input, weight, bias, eps, axis, running=None):
         # nothing to record: without autograd.Function's machinery (tens of microseconds
         # when the caches are cold)
         return _train_cpu(input, weight, bias, eps, axis, running)[0]
+    if _transformed():
+        y, mean, _invstd, var = reference.forward_train(input, weight, bias, eps, axis)
+        if running is not None:
+            reference.update_running_stats(*running[:3], mean.detach(), var.detach(), *running[3:])
+        return y
     y, mean, _invstd, var = forward_train(input, weight, bias, eps, axis)
     if running is not None:
         update_running_stats(*running[:3], mean, var, *running[3:])
@@ -505,12 +507,12 @@ def train(input, weight, bias, eps, axis, running=None):
 
 def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
     """forward_eval, through the op or, in plain eager CPU mode, directly."""
-    if _transformed():
-        return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
     if eager(input, running_mean, running_var, weight, bias):
         if _small(input, axis):
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
         if _recorded(input, weight, bias):
             return _apply_eval(input, running_mean, running_var, weight, bias, eps, axis)
         return _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
+    if _transformed():
+        return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
     return forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
