@@ -72,6 +72,17 @@ def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
     return B * itemsize < cpu.PREFETCH_ROW_BYTES and A * C * B * itemsize <= STREAM_MAX_BYTES
 
 
+def _family(A: int, C: int, B: int, itemsize: int) -> str:
+    """Which kernels take (A, C, B) data: "rows" (B == 1), "stream" or "channels"."""
+    if B == 1:
+        return "rows"
+    return "stream" if _in_memory_order(A, C, B, itemsize) else "channels"
+
+
+_TRAIN = {family: getattr(cpu, f"forward_train_{family}_at") for family in ("rows", "stream", "channels")}
+_BACKWARD = {family: getattr(cpu, f"backward_{family}_at") for family in ("rows", "stream", "channels")}
+
+
 _SHAPES: dict[tuple, tuple[int, int, int] | None] = {}
 _UNSEEN = ()  # not a shape: the key has not been looked at yet
 
@@ -168,12 +179,7 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
-    if B == 1:
-        kernel = cpu.forward_train_rows_at
-    elif _in_memory_order(A, C, B, x.element_size()):
-        kernel = cpu.forward_train_stream_at
-    else:
-        kernel = cpu.forward_train_channels_at
+    kernel = _TRAIN[_family(A, C, B, x.element_size())]
     updated = kernel(
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
         ZERO[dtype], running_mean, running_var, counter, momentum,
@@ -211,12 +217,7 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
     w = per_channel(weight, dtype, 1.0, C)
-    if B == 1:
-        kernel = cpu.backward_rows_at
-    elif _in_memory_order(A, C, B, x.element_size()):
-        kernel = cpu.backward_stream_at
-    else:
-        kernel = cpu.backward_channels_at
+    kernel = _BACKWARD[_family(A, C, B, x.element_size())]
     kernel(
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads, ZERO[dtype],

@@ -241,13 +241,13 @@ def _backward_fake(grad_output, input, mean, invstd, weight, training, axis, inp
 # ------------------------------------------------------------------ autograd
 
 
-def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training):
+def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training, kernel=None):
     """Fast kernel for a plain backward; the differentiable formula under create_graph.
 
     ``needs`` says which of (input, weight, bias) want a gradient. The kernel is
-    ``ctx.backward_kernel`` (the backward op when unset); mean and invstd are what it
-    takes: tensors, or addresses for launch.backward (which only a training forward
-    passes, and training recomputes them under create_graph).
+    ``kernel``, else ``ctx.backward_kernel``, else the backward op; mean and invstd are
+    what it takes: tensors, or addresses for launch.backward (which only a training
+    forward passes, and training recomputes them under create_graph).
     """
     needs_input, needs_weight, needs_bias = needs
     if torch.is_grad_enabled():
@@ -257,7 +257,7 @@ def _gradients(ctx, needs, grad_output, input, mean, invstd, weight, training):
             mean = batch_mean
         dx, dweight, dbias = reference.backward(grad_output, input, mean, invstd, weight, training, ctx.axis)
     else:
-        kernel = getattr(ctx, "backward_kernel", backward)
+        kernel = kernel or getattr(ctx, "backward_kernel", backward)
         dx, dweight, dbias = kernel(grad_output, input, mean, invstd, weight, training, ctx.axis, needs_input)
     dtype = dbias.dtype if weight is None else weight.dtype
     grad_weight = launch.in_dtype(dweight, dtype) if needs_weight and weight is not None else None
@@ -385,13 +385,12 @@ class _EagerTrain(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         stats = ctx.stats
         if _forked_child or input.numel() == 0:
-            mean, invstd = stats[0], stats[1]
-            ctx.backward_kernel = _backward_cpu
+            mean, invstd, kernel = stats[0], stats[1], _backward_cpu
         else:  # straight to the kernels, the statistics by address
             mean = stats.data_ptr()
-            invstd = mean + stats.stride(0) * stats.element_size()
-            ctx.backward_kernel = launch.backward
-        dx, dweight, dbias = _gradients(ctx, ctx.needs_input_grad[:3], grad_output, input, mean, invstd, weight, True)
+            invstd, kernel = mean + stats.stride(0) * stats.element_size(), launch.backward
+        needs = ctx.needs_input_grad[:3]
+        dx, dweight, dbias = _gradients(ctx, needs, grad_output, input, mean, invstd, weight, True, kernel)
         return dx, dweight, dbias, None, None, None
 
 
