@@ -223,6 +223,47 @@ def test_which_kernels_take_nchw_data(monkeypatch):
     assert not launch._in_memory_order(128, 256, 196, 4)  # 26 MB
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_stores_past_the_caches_match_torch(dtype, layout, kernel_order, monkeypatch):
+    """With launch.NONTEMPORAL_MIN_BYTES at 0, every map pass on rows of whole cache lines
+    (here 4 x 16 = 64 values a row in NCHW, 16 channels a row in channels_last) stores past
+    the caches (cpu.py); outputs, gradients and running statistics as torch's."""
+    import batchnorm
+
+    monkeypatch.setattr(launch, "NONTEMPORAL_MIN_BYTES", 0)
+    decided = []
+    decide = launch._past_caches
+    monkeypatch.setattr(launch, "_past_caches", lambda *args: decided.append(decide(*args)) or decided[-1])
+    ours, theirs = batchnorm.BatchNorm2d(16).to(dtype), torch.nn.BatchNorm2d(16).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(16) + 0.5)
+        ours.bias.copy_(torch.randn(16))
+    theirs.load_state_dict(ours.state_dict())
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = (torch.randn(3, 16, 4, 16, dtype=dtype) * 3 + 2).contiguous(memory_format=layout)
+        grad = torch.randn(3, 16, 4, 16, dtype=dtype).contiguous(memory_format=layout)
+        assert_same(ours, theirs, x, grad, tolerance(dtype))
+    assert decided == [True] * 6  # three forwards, three backwards
+
+
+def test_which_outputs_go_past_the_caches(monkeypatch):
+    """Past the caches when the call's tensors fill NONTEMPORAL_MIN_BYTES and the output's rows
+    are whole cache lines from a line boundary."""
+    monkeypatch.setattr(launch, "NONTEMPORAL_MIN_BYTES", 1 << 15)
+    y = torch.empty(4, 16, 64)  # 16 KiB, rows of 256 bytes
+    assert launch._past_caches(2, y, 16, 64)
+    assert not launch._past_caches(1, y, 16, 64)  # 16 KiB of tensors, under 32 KiB
+    assert not launch._past_caches(3, torch.empty(4, 16, 49), 16, 49)  # rows of 196 bytes
+    shifted = torch.empty(4 * 16 * 64 + 4)[4:].view(4, 16, 64)  # 16 bytes past a line
+    assert not launch._past_caches(3, shifted, 16, 64)
+    assert launch._past_caches(3, torch.empty(512, 16), 16, 1)  # channels last: rows of C values
+    assert not launch._past_caches(3, torch.empty(512, 8), 8, 1)
+    assert launch._past_caches(3, torch.empty(512, 8, dtype=torch.float64), 8, 1)
+
+
 def test_last_level_cache_bytes_reads_the_index_entries(tmp_path):
     for name, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K")):
         (tmp_path / name).mkdir()

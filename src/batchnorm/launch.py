@@ -68,6 +68,28 @@ def last_level_cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> 
 STREAM_MAX_BYTES = last_level_cache_bytes() // 2
 
 
+# The map passes store their output past the caches (cpu.py, "non-temporal stores") when
+# the tensors a call reads and writes take at least NONTEMPORAL_MIN_BYTES together: the
+# output cannot stay in the last-level cache, and not reading its lines before writing
+# them saves a pass over memory. The kernels then write whole cache lines only: each row
+# (B values, or C when B == 1) must be whole lines from a line boundary; else (rows of
+# 14 x 14 values, say) the plain stores stay, since a line written partly past the caches
+# and partly through them cost 2 to 3 times more than either.
+NONTEMPORAL_MIN_BYTES = last_level_cache_bytes()
+CACHE_LINE = 64
+
+
+def _past_caches(tensors: int, out: Tensor, C: int, B: int) -> bool:
+    """Whether a call that reads and writes ``tensors`` tensors the size of ``out`` (its output)
+    stores that output past the caches."""
+    row_bytes = (C if B == 1 else B) * out.element_size()
+    return (
+        tensors * out.numel() * out.element_size() >= NONTEMPORAL_MIN_BYTES
+        and row_bytes % CACHE_LINE == 0
+        and out.data_ptr() % CACHE_LINE == 0
+    )
+
+
 def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
     return B * itemsize < cpu.PREFETCH_ROW_BYTES and A * C * B * itemsize <= STREAM_MAX_BYTES
 
@@ -182,7 +204,7 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     kernel = _TRAIN[_family(A, C, B, x.element_size())]
     updated = kernel(
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
-        ZERO[dtype], running_mean, running_var, counter, momentum,
+        _past_caches(2, y, C, B), ZERO[dtype], running_mean, running_var, counter, momentum,
     )  # fmt: skip
     return in_dtype(y, input.dtype), (updated if buffers else None)
 
@@ -198,7 +220,7 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     kernel = cpu.forward_eval_rows_at if B == 1 else cpu.forward_eval_channels_at
     kernel(
         x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
-        threads, ZERO[dtype],
+        threads, _past_caches(2, y, C, B), ZERO[dtype],
     )  # fmt: skip
     return in_dtype(y, input.dtype)
 
@@ -220,7 +242,8 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     kernel = _BACKWARD[_family(A, C, B, x.element_size())]
     kernel(
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
-        0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads, ZERO[dtype],
+        0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads,
+        dx is not None and _past_caches(3, dx, C, B), ZERO[dtype],
     )  # fmt: skip
     dx = input.new_empty(0) if dx is None else in_dtype(dx, input.dtype)
     return dx, dweight, dbias

@@ -8,7 +8,9 @@ A contiguous NCHW tensor is ``(N, C, H*W)``; a channels_last tensor is
 and split into ``threads`` chunks of rows. Data with B > 1 goes to the ``_channels``
 kernels (one channel per task, normalized while it is in cache) or, with short rows in
 a tensor that fits in the last-level cache, to the ``_stream`` kernels (two passes in
-memory order); launch.py chooses. No layout is copied to suit a kernel.
+memory order); launch.py chooses. No layout is copied to suit a kernel. The map passes
+store their output past the caches when the call's tensors fill the last-level cache
+(see "non-temporal stores").
 
 Statistics accumulate in float64 around a per-channel shift ``K`` (the
 channel's first value), so that
@@ -99,11 +101,120 @@ def _prefetch_row(base, row, row_bytes):
         _prefetch(start + offset)
 
 
+# ------------------------------------------------------------ non-temporal stores
+#
+# A store to a line not in cache first reads the line (read for ownership), so writing an
+# output costs two passes over memory, not one. When the output and the inputs of a call
+# together fill the last-level cache, the output cannot stay there anyway, and the map
+# passes store it past the caches (x86 movntps/movntpd: 32-byte vectors, no read, weakly
+# ordered, hence the fence at the end of each task). launch.py decides; measurements in
+# docs/benchmarks.md.
+
+VECTOR_BYTES = 32
+
+
+def _lanes(context, builder, vector, kind, value, element):
+    """A float operand (cast to ``element``, a Numba type) broadcast to every lane; an integer
+    one is the address of a vector."""
+    if isinstance(kind, types.Float):
+        value = context.cast(builder, value, kind, element)
+        lanes = ir.Constant(vector, ir.Undefined)
+        for i in range(vector.count):
+            lanes = builder.insert_element(lanes, value, ir.IntType(32)(i))
+        return lanes
+    return builder.load(builder.inttoptr(value, vector.as_pointer()), align=1)
+
+
+def _vector_store(formula, like, out, operands):
+    """The signature and codegen of an intrinsic (like, out, *operands) that computes
+    ``formula`` on one 32-byte vector (8 float32 or 4 float64 lanes of the dtype of ``like``,
+    any value of the data) and stores it past the caches at the integer address ``out``
+    (32-byte aligned). Each operand is an integer address of a vector, or a float, rounded
+    to ``like``'s dtype and used in every lane."""
+    if not (isinstance(like, types.Float) and isinstance(out, types.Integer)):
+        return None
+    if not all(isinstance(a, (types.Integer, types.Float)) for a in operands):
+        return None
+
+    def codegen(context, builder, signature, values):
+        element = ir.FloatType() if signature.args[0] == types.float32 else ir.DoubleType()
+        vector = ir.VectorType(element, VECTOR_BYTES // (4 if signature.args[0] == types.float32 else 8))
+        kinds = signature.args[2:]
+        lanes = [_lanes(context, builder, vector, k, v, like) for k, v in zip(kinds, values[2:], strict=True)]
+        store = builder.store(formula(builder, *lanes), builder.inttoptr(values[1], vector.as_pointer()),
+                              align=VECTOR_BYTES)  # fmt: skip
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+
+    return types.none(like, out, *operands), codegen
+
+
+_FUSED = ("contract",)  # as the loops' fastmath: a * b + c may become one fma
+
+
+def _affine_formula(builder, x, mean, scale, offset):
+    """(x - mean) * scale + offset"""
+    return builder.fadd(builder.fmul(builder.fsub(x, mean), scale, flags=_FUSED), offset, flags=_FUSED)
+
+
+def _two_term_formula(builder, dy, x, dy_scale, center, x_scale, const):
+    """dy * dy_scale + ((x - center) * x_scale + const)"""
+    x_term = _affine_formula(builder, x, center, x_scale, const)
+    return builder.fadd(builder.fmul(dy, dy_scale, flags=_FUSED), x_term, flags=_FUSED)
+
+
+@intrinsic
+def _affine_nt(typingctx, like, y, x, mean, scale, offset):
+    """y = (x - mean) * scale + offset on one vector, stored past the caches (_vector_store)."""
+    return _vector_store(_affine_formula, like, y, (x, mean, scale, offset))
+
+
+@intrinsic
+def _two_term_nt(typingctx, like, dx, dy, x, dy_scale, center, x_scale, const):
+    """dx = dy * dy_scale + ((x - center) * x_scale + const) on one vector, as _affine_nt."""
+    return _vector_store(_two_term_formula, like, dx, (dy, x, dy_scale, center, x_scale, const))
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """sfence: the task's stores past the caches are done before anything after it."""
+
+    def codegen(context, builder, signature, args):
+        name = "llvm.x86.sse.sfence"
+        function = builder.module.globals.get(name)
+        if function is None:
+            function = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), []), name)
+        builder.call(function, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@njit(**_serial)
+def _affine_row_nt(x, y, a, c, mean, scale, offset):
+    """y[a, c, :] = (x[a, c, :] - mean) * scale + offset on (A, C, B) arrays, stored past the
+    caches; the row must be whole cache lines (launch.py checks)."""
+    B, size = x.shape[2], x.itemsize
+    start = (a * x.shape[1] + c) * B * size
+    for at in range(start, start + B * size, VECTOR_BYTES):
+        _affine_nt(x[a, c, 0], y.ctypes.data + at, x.ctypes.data + at, mean, scale, offset)
+
+
+@njit(**_serial)
+def _two_term_row_nt(dy, x, dx, a, c, dy_scale, center, x_scale, const):
+    """dx[a, c, :] = dy[a, c, :] * dy_scale + (x[a, c, :] - center) * x_scale + const, as _affine_row_nt."""
+    B, size = x.shape[2], x.itemsize
+    start = (a * x.shape[1] + c) * B * size
+    for at in range(start, start + B * size, VECTOR_BYTES):
+        dy_at, x_at, dx_at = dy.ctypes.data + at, x.ctypes.data + at, dx.ctypes.data + at
+        _two_term_nt(x[a, c, 0], dx_at, dy_at, x_at, dy_scale, center, x_scale, const)
+
+
 # ---------------------------------------------------------------- forward, train
 
 
 @njit(**_parallel)
-def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_out):
+def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_out, nontemporal):
     """Algorithm 1 on (A, C, B) data, one channel per task.
 
     Each channel is reduced and then normalized while its values are still in
@@ -134,9 +245,14 @@ def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_ou
         mu = mean_out[c]
         s = scale[c]
         beta = bias[c]
-        for a in range(A):
-            for b in range(B):
-                y[a, c, b] = (x[a, c, b] - mu) * s + beta
+        if nontemporal:
+            for a in range(A):
+                _affine_row_nt(x, y, a, c, mu, s, beta)
+            _store_fence()
+        else:
+            for a in range(A):
+                for b in range(B):
+                    y[a, c, b] = (x[a, c, b] - mu) * s + beta
 
 
 # rows summed in the data's dtype before each float64 carry (see _channel_sums_rows)
@@ -188,14 +304,27 @@ def _channel_sums_rows(x, shift, other, threads):
 
 
 @njit(**_parallel)
-def _centered_affine_rows(x, mean, scale, offset, y, threads):
-    """y = (x - mean) * scale + offset per channel, on (A, C) data."""
+def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal):
+    """y = (x - mean) * scale + offset per channel, on (A, C) data; y stored past the caches
+    when ``nontemporal`` (rows of whole cache lines; per-channel values loaded as vectors)."""
     A, C = x.shape
     chunks = min(threads, A)
+    lanes = nontemporal
+    step, size = VECTOR_BYTES // x.itemsize, x.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
-            for c in range(C):
-                y[a, c] = (x[a, c] - mean[c]) * scale[c] + offset[c]
+            if lanes:
+                for c in range(0, C, step):
+                    at = (a * C + c) * size
+                    _affine_nt(
+                        x[a, 0], y.ctypes.data + at, x.ctypes.data + at,
+                        mean.ctypes.data + c * size, scale.ctypes.data + c * size, offset.ctypes.data + c * size,
+                    )  # fmt: skip
+            else:
+                for c in range(C):
+                    y[a, c] = (x[a, c] - mean[c]) * scale[c] + offset[c]
+        if lanes:
+            _store_fence()
 
 
 @njit(**_serial)
@@ -214,13 +343,13 @@ def _finish_chunks(shift, first, second, m, eps, weight, mean_out, invstd_out, v
 
 
 @njit(**_serial)
-def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads):
+def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
     """Algorithm 1 on (A, C) data (channels last): sums over row chunks, then the map."""
     A, C = x.shape
     shift = x[0].copy()
     first, second = _channel_sums_rows(x, shift, None, threads)
     scale = _finish_chunks(shift, first, second, A, eps, weight, mean_out, invstd_out, var_out)
-    _centered_affine_rows(x, mean_out, scale, bias, y, threads)
+    _centered_affine_rows(x, mean_out, scale, bias, y, threads, nontemporal)
 
 
 # ------------------------------------------ forward, train, in memory order
@@ -270,7 +399,7 @@ def _channel_sums_stream(x, shift, other, threads):
 
 
 @njit(**_serial)
-def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads):
+def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
     """Algorithm 1 on (A, C, B) data in two passes in memory order: the sums, then the map."""
     A, C, B = x.shape
     shift = np.empty(C, x.dtype)
@@ -278,7 +407,7 @@ def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out,
         shift[c] = x[0, c, 0]
     first, second = _channel_sums_stream(x, shift, None, threads)
     scale = _finish_chunks(shift, first, second, A * B, eps, weight, mean_out, invstd_out, var_out)
-    _centered_affine_channels(x, mean_out, scale, bias, y)
+    _centered_affine_channels(x, mean_out, scale, bias, y, threads, nontemporal)
 
 
 # ----------------------------------------------------------------- forward, eval
@@ -301,36 +430,45 @@ def _eval_scale(running_mean, running_var, weight, eps, dtype_like):
 
 
 @njit(**_parallel)
-def _centered_affine_channels(x, mean, scale, offset, y):
-    """y = (x - mean) * scale + offset per channel, on (A, C, B) data, (a, c) pairs in parallel."""
+def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
+    """y = (x - mean) * scale + offset per channel, on (A, C, B) data, its A * C rows split
+    into ``threads`` chunks in memory order; y stored past the caches when ``nontemporal``."""
     A, C, B = x.shape
-    for ac in prange(A * C):
-        a = ac // C
-        c = ac - a * C
-        mu = mean[c]
-        s = scale[c]
-        o = offset[c]
-        for b in range(B):
-            y[a, c, b] = (x[a, c, b] - mu) * s + o
+    rows = A * C
+    chunks = min(threads, rows)
+    for t in prange(chunks):
+        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
+            a = r // C
+            c = r - a * C
+            mu = mean[c]
+            s = scale[c]
+            o = offset[c]
+            if nontemporal:
+                _affine_row_nt(x, y, a, c, mu, s, o)
+            else:
+                for b in range(B):
+                    y[a, c, b] = (x[a, c, b] - mu) * s + o
+        if nontemporal:
+            _store_fence()
 
 
 @njit(**_serial)
-def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y):
+def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
     mean, scale = _eval_scale(running_mean, running_var, weight, eps, y)
-    _centered_affine_channels(x, mean, scale, bias, y)
+    _centered_affine_channels(x, mean, scale, bias, y, threads, nontemporal)
 
 
 @njit(**_serial)
-def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads):
+def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
     mean, scale = _eval_scale(running_mean, running_var, weight, eps, y)
-    _centered_affine_rows(x, mean, scale, bias, y, threads)
+    _centered_affine_rows(x, mean, scale, bias, y, threads, nontemporal)
 
 
 # ---------------------------------------------------------------------- backward
 
 
 @njit(**_parallel)
-def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias):
+def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias, nontemporal):
     """Gradients on (A, C, B) data, one channel per task.
 
     sum_dy = sum dy, sum_dy_xhat = sum dy * xhat (these are dbeta and dgamma), then
@@ -366,17 +504,22 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias)
         # coefficients rounded once to the data's dtype, so the loops below vectorize in it
         coef = np.empty(4, dx.dtype)
         coef[0] = gain
-        coef[1] = gain / m * inv * sum_dy_xhat
+        coef[1] = -gain / m * inv * sum_dy_xhat
         coef[2] = -gain / m * total
         coef[3] = mu
         a_dy = coef[0]
         if training:
+            mu_x = coef[3]
             a_x = coef[1]
             const = coef[2]
-            mu_x = coef[3]
-            for a in range(A):
-                for b in range(B):
-                    dx[a, c, b] = dy[a, c, b] * a_dy - (x[a, c, b] - mu_x) * a_x + const
+            if nontemporal:
+                for a in range(A):
+                    _two_term_row_nt(dy, x, dx, a, c, a_dy, mu_x, a_x, const)
+                _store_fence()
+            else:
+                for a in range(A):
+                    for b in range(B):
+                        dx[a, c, b] = dy[a, c, b] * a_dy + ((x[a, c, b] - mu_x) * a_x + const)
         else:
             for a in range(A):
                 for b in range(B):
@@ -423,7 +566,7 @@ def _shift_of(mean, dtype_like):
 
 
 @njit(**_serial)
-def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads):
+def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
     """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
     A, C = x.shape
     shift = _shift_of(mean, x)
@@ -433,11 +576,11 @@ def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, thr
     )
     if dx.shape[0] == 0:
         return
-    _two_term_rows(dy, x, shift, dy_scale, x_scale, const, dx, threads)
+    _two_term_rows(dy, x, shift, dy_scale, x_scale, const, dx, threads, nontemporal)
 
 
 @njit(**_serial)
-def backward_stream(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads):
+def backward_stream(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
     """Gradients on (A, C, B) data in two passes in memory order; formulas of backward_channels."""
     A, C, B = x.shape
     shift = _shift_of(mean, x)
@@ -447,34 +590,56 @@ def backward_stream(dy, x, mean, invstd, weight, training, dx, dweight, dbias, t
     )
     if dx.shape[0] == 0:
         return
-    _two_term_channels(dy, x, shift, dy_scale, x_scale, const, dx)
+    _two_term_channels(dy, x, shift, dy_scale, x_scale, const, dx, threads, nontemporal)
 
 
 @njit(**_parallel)
-def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx):
+def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemporal):
     """dx = dy * dy_scale + (x - center) * x_scale + const per channel on (A, C, B) data,
-    (a, c) rows in parallel."""
+    rows in ``threads`` chunks as _centered_affine_channels, dx past the caches when ``nontemporal``."""
     A, C, B = x.shape
-    for ac in prange(A * C):
-        a = ac // C
-        c = ac - a * C
-        p = dy_scale[c]
-        q = x_scale[c]
-        k = center[c]
-        o = const[c]
-        for b in range(B):
-            dx[a, c, b] = dy[a, c, b] * p + (x[a, c, b] - k) * q + o
+    rows = A * C
+    chunks = min(threads, rows)
+    for t in prange(chunks):
+        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
+            a = r // C
+            c = r - a * C
+            p = dy_scale[c]
+            k = center[c]
+            q = x_scale[c]
+            o = const[c]
+            if nontemporal:
+                _two_term_row_nt(dy, x, dx, a, c, p, k, q, o)
+            else:
+                for b in range(B):
+                    dx[a, c, b] = dy[a, c, b] * p + ((x[a, c, b] - k) * q + o)
+        if nontemporal:
+            _store_fence()
 
 
 @njit(**_parallel)
-def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads):
-    """dx = dy * dy_scale + (x - center) * x_scale + const per channel, rows in parallel."""
+def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemporal):
+    """dx = dy * dy_scale + (x - center) * x_scale + const per channel, rows in parallel; dx
+    past the caches as in _centered_affine_rows."""
     A, C = x.shape
     chunks = min(threads, A)
+    lanes = nontemporal
+    step, size = VECTOR_BYTES // x.itemsize, x.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
-            for c in range(C):
-                dx[a, c] = dy[a, c] * dy_scale[c] + (x[a, c] - center[c]) * x_scale[c] + const[c]
+            if lanes:
+                for c in range(0, C, step):
+                    at, k = (a * C + c) * size, c * size
+                    _two_term_nt(
+                        x[a, 0], dx.ctypes.data + at, dy.ctypes.data + at, x.ctypes.data + at,
+                        dy_scale.ctypes.data + k, center.ctypes.data + k, x_scale.ctypes.data + k,
+                        const.ctypes.data + k,
+                    )  # fmt: skip
+            else:
+                for c in range(C):
+                    dx[a, c] = dy[a, c] * dy_scale[c] + ((x[a, c] - center[c]) * x_scale[c] + const[c])
+        if lanes:
+            _store_fence()
 
 
 # -------------------------------------------------------------- running statistics
@@ -655,84 +820,89 @@ def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum,
 
 @njit(**_serial)
 def forward_train_channels_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero, running_mean, running_var, counter, momentum
-):
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero,
+    running_mean, running_var, counter, momentum,
+):  # fmt: skip
     """forward_train_channels; the statistics go to mean, invstd and var, then the
     running update of update_running_stats_at unless ``running_mean`` is 0 (one call
     from Python instead of two). Returns False when the update was refused (statistics
     not finite)."""
     forward_train_channels(
         _at(x, (A, C, B), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero),
+        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
 
 
 @njit(**_serial)
 def forward_train_rows_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero, running_mean, running_var, counter, momentum
-):
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero,
+    running_mean, running_var, counter, momentum,
+):  # fmt: skip
     """forward_train_rows (B == 1); statistics, update and result as forward_train_channels_at."""
     forward_train_rows(
         _at(x, (A, C), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C), zero),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads,
+        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A, momentum, zero)
 
 
 @njit(**_serial)
 def forward_train_stream_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, zero, running_mean, running_var, counter, momentum
-):
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero,
+    running_mean, running_var, counter, momentum,
+):  # fmt: skip
     """forward_train_stream; statistics, update and result as forward_train_channels_at."""
     forward_train_stream(
         _at(x, (A, C, B), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads,
+        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
 
 
 @njit(**_serial)
-def forward_eval_channels_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, zero):
+def forward_eval_channels_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero):
     forward_eval_channels(
         _at(x, (A, C, B), zero), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
+        _at(bias, C, zero), eps, _at(y, (A, C, B), zero), threads, nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def forward_eval_rows_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, zero):
+def forward_eval_rows_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero):
     forward_eval_rows(
         _at(x, (A, C), zero), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C), zero), threads,
+        _at(bias, C, zero), eps, _at(y, (A, C), zero), threads, nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_channels_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, zero):
+def backward_channels_at(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero
+):
     """backward_channels; no dx when its address is 0 (an empty array stands in)."""
     dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), zero)
     backward_channels(
         _at(dy, (A, C, B), zero), _at(x, (A, C, B), zero), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero),
+        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_rows_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, zero):
+def backward_rows_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero):
     """backward_rows (B == 1); no dx when its address is 0 (an empty array stands in)."""
     dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C), zero)
     backward_rows(
         _at(dy, (A, C), zero), _at(x, (A, C), zero), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads,
+        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_stream_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, zero):
+def backward_stream_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero):
     """backward_stream; no dx when its address is 0 (an empty array stands in)."""
     dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), zero)
     backward_stream(
         _at(dy, (A, C, B), zero), _at(x, (A, C, B), zero), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads,
+        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
     )  # fmt: skip
