@@ -309,11 +309,10 @@ def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal):
     when ``nontemporal`` (rows of whole cache lines; per-channel values loaded as vectors)."""
     A, C = x.shape
     chunks = min(threads, A)
-    lanes = nontemporal
     step, size = VECTOR_BYTES // x.itemsize, x.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
-            if lanes:
+            if nontemporal:
                 for c in range(0, C, step):
                     at = (a * C + c) * size
                     _affine_nt(
@@ -323,7 +322,7 @@ def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal):
             else:
                 for c in range(C):
                     y[a, c] = (x[a, c] - mean[c]) * scale[c] + offset[c]
-        if lanes:
+        if nontemporal:
             _store_fence()
 
 
@@ -623,11 +622,10 @@ def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemp
     past the caches as in _centered_affine_rows."""
     A, C = x.shape
     chunks = min(threads, A)
-    lanes = nontemporal
     step, size = VECTOR_BYTES // x.itemsize, x.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
-            if lanes:
+            if nontemporal:
                 for c in range(0, C, step):
                     at, k = (a * C + c) * size, c * size
                     _two_term_nt(
@@ -638,7 +636,7 @@ def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemp
             else:
                 for c in range(C):
                     dx[a, c] = dy[a, c] * dy_scale[c] + ((x[a, c] - center[c]) * x_scale[c] + const[c])
-        if lanes:
+        if nontemporal:
             _store_fence()
 
 
