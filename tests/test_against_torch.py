@@ -17,13 +17,13 @@ CASES = [
 ]
 
 
-def twins(rank, dtype, **kwargs):
-    ours = OURS[rank](5, **kwargs).to(dtype)
-    theirs = TORCH[rank](5, **kwargs).to(dtype)
+def twins(rank, dtype, channels=5, **kwargs):
+    ours = OURS[rank](channels, **kwargs).to(dtype)
+    theirs = TORCH[rank](channels, **kwargs).to(dtype)
     if ours.affine:
         with torch.no_grad():
-            ours.weight.copy_(torch.rand(5) + 0.5)
-            ours.bias.copy_(torch.randn(5))
+            ours.weight.copy_(torch.rand(channels) + 0.5)
+            ours.bias.copy_(torch.randn(channels))
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -229,17 +229,11 @@ def test_stores_past_the_caches_match_torch(dtype, layout, kernel_order, monkeyp
     """With launch.NONTEMPORAL_MIN_BYTES at 0, every map pass on rows of whole cache lines
     (here 4 x 16 = 64 values a row in NCHW, 16 channels a row in channels_last) stores past
     the caches (cpu.py); outputs, gradients and running statistics as torch's."""
-    import batchnorm
-
     monkeypatch.setattr(launch, "NONTEMPORAL_MIN_BYTES", 0)
     decided = []
     decide = launch._past_caches
     monkeypatch.setattr(launch, "_past_caches", lambda *args: decided.append(decide(*args)) or decided[-1])
-    ours, theirs = batchnorm.BatchNorm2d(16).to(dtype), torch.nn.BatchNorm2d(16).to(dtype)
-    with torch.no_grad():
-        ours.weight.copy_(torch.rand(16) + 0.5)
-        ours.bias.copy_(torch.randn(16))
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = twins(4, dtype, channels=16)
     for mode in ("train", "train", "eval"):
         ours.train(mode == "train")
         theirs.train(mode == "train")
