@@ -1,5 +1,7 @@
 """Kernels against the algorithm written plainly in float64 (tests/oracle.py)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -97,6 +99,44 @@ def test_reference_ops_match_kernels():
     batchnorm.ops.update_running_stats(rm, rv, n, mean, var, 150, -1.0)
     reference.update_running_stats(rm2, rv2, n2, mean, var, 150, -1.0)
     torch.testing.assert_close((rm, rv, n), (rm2, rv2, n2))
+
+
+@pytest.mark.parametrize(
+    "make_stats",
+    [
+        pytest.param(lambda m, v: (m, v), id="dense"),
+        pytest.param(lambda m, v: (torch.stack([m, m])[:, 0::1][0], torch.stack([v, v], 1)[:, 1]), id="strided"),
+        pytest.param(lambda m, v: (m, v.float()), id="mixed-dtypes"),
+        pytest.param(lambda m, v: (m.reshape(1, -1), v.reshape(-1, 1)), id="2-d"),
+    ],
+)
+@pytest.mark.parametrize("momentum", [0.1, -1.0])
+def test_update_op_takes_any_statistics(make_stats, momentum):
+    """The update op, given statistics not from this project's forward (strided, of another
+    dtype, of another shape), updates the float64 buffers by the formula in float64; a NaN
+    leaves them bit for bit as they were (the torch-ops update used to round them through
+    the statistics' float32)."""
+    mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    for nan in (False, True):
+        if nan:
+            mean = mean.clone()
+            mean[2] = float("nan")
+        rm, rv, n = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64), torch.tensor(3)
+        rm2, rv2, n2 = rm.clone(), rv.clone(), n.clone()
+        stats = make_stats(mean, var)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batchnorm.ops.update_running_stats(rm, rv, n, *stats, 40, momentum)
+        if nan:
+            torch.testing.assert_close((rm, rv, n), (rm2, rv2, n2), rtol=0, atol=0)
+            assert [str(w.message) for w in caught] == [batchnorm.ops.NONFINITE_WARNING]
+        else:  # the formula in float64, from the statistics as given
+            factor = 1 / 4 if momentum < 0 else momentum
+            batch_mean, batch_var = (t.reshape(-1).double() for t in stats)
+            want_mean = (1 - factor) * rm2 + factor * batch_mean
+            want_var = (1 - factor) * rv2 + factor * batch_var * 40 / 39
+            torch.testing.assert_close((rm, rv, n), (want_mean, want_var, n2 + 1), rtol=1e-15, atol=0)
+            assert caught == []
 
 
 def test_momentum_none_is_cumulative_average():

@@ -172,16 +172,19 @@ def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, 
     momentum < 0 (the cumulative average) needs the counter.
     """
     running_mean, running_var, num_batches_tracked, _count, momentum = running
+    # dense() written out: this runs on every training call of every layer
     if not (
-        dense(running_mean, dtype, channels)
-        and dense(running_var, dtype, channels)
-        and (num_batches_tracked is None or dense(num_batches_tracked, torch.int64, 1))
-    ):
+        running_mean.dtype is dtype and running_mean.numel() == channels and running_mean.is_contiguous()
+        and running_var.dtype is dtype and running_var.numel() == channels and running_var.is_contiguous()
+    ):  # fmt: skip
         return None
-    if momentum < 0 and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    counter = 0 if num_batches_tracked is None else num_batches_tracked.data_ptr()
-    return running_mean.data_ptr(), running_var.data_ptr(), counter
+    if num_batches_tracked is None:
+        if momentum < 0:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        return running_mean.data_ptr(), running_var.data_ptr(), 0
+    if not dense(num_batches_tracked, torch.int64, 1):
+        return None
+    return running_mean.data_ptr(), running_var.data_ptr(), num_batches_tracked.data_ptr()
 
 
 def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None):

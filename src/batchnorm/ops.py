@@ -119,7 +119,11 @@ def update_running_stats(
 
 @update_running_stats.register_kernel("cpu")
 def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    _update_at((running_mean, running_var, num_batches_tracked, count, momentum), mean, var, False, 0.0)
+    running = (running_mean, running_var, num_batches_tracked, count, momentum)
+    if var.dtype is mean.dtype and launch.dense(mean, mean.dtype, var.numel()) and var.is_contiguous():
+        _update_at(running, mean, var, False, 0.0)
+    else:  # statistics from a caller of the op, not from this project's forward
+        _update_with_torch(running, mean, var, False, 0.0)
 
 
 @update_running_stats.register_fake
@@ -131,27 +135,35 @@ def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, ep
     """The update from one CPU batch's mean and var (or torch's 1/sqrt(var + eps)); every
     CPU caller's way in, ``running`` as (running_mean, running_var, num_batches_tracked, count, momentum).
 
-    The common case (float32/float64 tensors of one dtype, dense, one value per channel)
-    goes to the kernel by address; it is checked here, since the kernel cannot check.
-    Anything else (half-precision buffers, mixed dtypes) takes the torch-ops update.
+    ``mean`` and ``spread`` are dense, one value per channel, of one dtype: the callers'
+    own statistics, or checked by the op. Buffers of that dtype (float32/float64, dense,
+    one value per channel) go to the kernel by address, checked by running_addresses
+    since the kernel cannot check; anything else (half-precision buffers, mixed dtypes)
+    takes the torch-ops update.
     """
-    running_mean, running_var, num_batches_tracked, count, momentum = running
     dtype = mean.dtype
     channels = mean.numel()
-    buffers = None
-    if dtype in launch.ZERO and launch.dense(mean, dtype, channels) and launch.dense(spread, dtype, channels):
-        buffers = launch.running_addresses(running, dtype, channels)
-    if buffers is not None:
-        updated = cpu.update_running_stats_at(
-            *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, count, momentum,
-            launch.ZERO[dtype],
-        )  # fmt: skip
-    else:
-        var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
-        updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
-        reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    buffers = launch.running_addresses(running, dtype, channels) if dtype in launch.ZERO else None
+    if buffers is None:
+        _update_with_torch(running, mean, spread, spread_is_invstd, eps)
+        return
+    updated = cpu.update_running_stats_at(
+        *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, running[3], running[4],
+        launch.ZERO[dtype],
+    )  # fmt: skip
     if not updated:
         _warn_nonfinite(stacklevel=5)
+
+
+def _update_with_torch(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
+    """_update_at in torch ops, for statistics or buffers the kernel does not take."""
+    running_mean, running_var, num_batches_tracked, count, momentum = running
+    dtype = mean.dtype
+    var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
+    updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    if not updated:
+        _warn_nonfinite(stacklevel=6)
 
 
 def _warn_nonfinite(stacklevel: int) -> None:
@@ -309,18 +321,23 @@ def eager(input: Tensor, *tensors: Tensor | None) -> bool:
     no mode, no torch.func transform (see _transformed), and plain CPU tensors (not
     subclasses). An input that is a functorch wrapper left over from a finished transform
     has no storage; the custom ops unwrap it."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    # on every call of every layer, so the names are bound once (torch.compiler.is_compiling
+    # is still the function dynamo recognizes)
+    if _is_compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms_active():
         return False
-    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+    if _functorch_wrapped(input) or type(input) not in _PLAIN or not input.is_cpu:
         return False
-    if _functorch_wrapped(input):
-        return False
-    for t in (input, *tensors):
-        if t is not None and (type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_cpu):
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
             return False
     return True
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_transforms_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 # autograd.Function.apply is a Python wrapper (functorch checks, argument binding) around
@@ -335,7 +352,7 @@ def _transformed() -> bool:
     """Inside a torch.func transform (grad, vmap, ...): the custom ops' autograd does not
     support them, so the differentiable torch ops of kernels/reference.py run instead
     (asked only once eager() has said no)."""
-    return torch._C._are_functorch_transforms_active()
+    return _transforms_active()
 
 
 def _recorded(*tensors: Tensor | None) -> bool:
@@ -471,19 +488,28 @@ def _small(input: Tensor, axis: int) -> bool:
     return axis == 1 and 0 < input.numel() <= SMALL_INPUT and input.dtype in (torch.float32, torch.float64)
 
 
+_NO_BUFFERS = (None, None, None)
+
+
 def train(input, weight, bias, eps, axis, running=None):
     """forward_train, then the running update when ``running`` is given, as
     (running_mean, running_var, num_batches_tracked, count, momentum); returns the output.
 
     Through the ops, or in plain eager CPU mode directly. No update for an empty batch.
     """
-    if running is not None and running[3] < 2:
-        running = None
-    if eager(input, weight, bias, *(running[:3] if running is not None else ())):
-        small = _small_shape(input, weight, bias, axis)
+    if running is None or running[3] < 2:
+        running, buffers = None, _NO_BUFFERS
+    else:
+        buffers = running[:3]
+    if eager(input, weight, bias, *buffers):
+        # the small inputs first, with no call that a larger one does not need: at the
+        # paper's MLP's size (60x100) every Python step shows in a training step
+        numel = input.numel()
+        low, high = SMALL_CHANNEL_MAJOR
+        small = _small_shape(input, weight, bias, axis) if low <= numel <= high else None
         if small is not None:
             return _train_small(input, weight, bias, eps, running, small)
-        if _small(input, axis):
+        if numel <= SMALL_INPUT and _small(input, axis):
             y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             if running is not None:
                 _update_at(running, mean, invstd, True, float(eps))

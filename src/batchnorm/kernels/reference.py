@@ -60,18 +60,23 @@ def update_running_stats(
     momentum: float,
 ) -> None:
     """The running averages (see kernels.cpu.update_running_stats), without a host sync:
-    a batch with non-finite statistics leaves everything as it was."""
+    a batch with non-finite statistics leaves everything as it was.
+
+    Computed in the wider of the buffers' and the statistics' dtypes, so that a buffer is
+    rounded once, and left bit for bit as it was when the batch is refused.
+    """
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    dtype = torch.promote_types(torch.promote_types(running_mean.dtype, mean.dtype), var.dtype)
     if momentum < 0:
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(dtype)
     else:
-        factor = torch.tensor(momentum, dtype=mean.dtype, device=mean.device)
-    new_mean = (1 - factor) * running_mean.to(mean.dtype) + factor * mean
-    new_var = (1 - factor) * running_var.to(var.dtype) + factor * var * (count / (count - 1))
-    running_mean.copy_(torch.where(finite, new_mean, running_mean.to(mean.dtype)))
-    running_var.copy_(torch.where(finite, new_var, running_var.to(var.dtype)))
+        factor = torch.tensor(momentum, dtype=dtype, device=mean.device)
+    unbiased = var.to(dtype) * (count / (count - 1))
+    for buffer, batch in ((running_mean, mean.to(dtype)), (running_var, unbiased)):
+        old = buffer.to(dtype)
+        buffer.copy_(torch.where(finite, (1 - factor) * old + factor * batch, old))
 
 
 def forward_train(x, weight, bias, eps, axis):
