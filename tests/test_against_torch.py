@@ -116,6 +116,45 @@ def test_half_precision_input_computed_in_float32(dtype, layout):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_half_precision_above_the_pool_threshold(dtype, layout):
+    """Half-precision data large enough that its float32 copies, dy's and the outputs come
+    from the buffer pool (over 1 MiB): train outputs and input gradients kept alive
+    together, then eval, against torch; "sliced" has gaps in memory (a dense copy)."""
+    ours, theirs = twins(4, torch.float32, channels=8)
+    shape = (16, 8, 48, 48)
+    grad = torch.randn(shape).to(dtype)
+
+    def sources():
+        if layout == "sliced":
+            return [torch.randn(16, 8, 48, 96).to(dtype) for _ in range(2)]
+        memory = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        return [torch.randn(shape).to(dtype).contiguous(memory_format=memory) for _ in range(2)]
+
+    def view(source):
+        return source[..., ::2] if layout == "sliced" else source
+
+    results = {}
+    for name, module in (("ours", ours), ("torch", theirs)):
+        torch.manual_seed(1)
+        leaves = [source.requires_grad_() for source in sources()]
+        outputs = [module(view(leaf)) for leaf in leaves]
+        for y in outputs:
+            y.backward(grad)
+        results[name] = [(y.detach(), view(leaf.grad)) for y, leaf in zip(outputs, leaves, strict=True)]
+    for (y1, dx1), (y2, dx2) in zip(results["ours"], results["torch"], strict=True):
+        assert y1.dtype == dtype and dx1.dtype == dtype
+        torch.testing.assert_close(y1, y2, **tolerance(dtype))
+        torch.testing.assert_close(dx1, dx2, **tolerance(dtype))
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        data = [view(source) for source in sources()]
+        evaluated = [ours(x) for x in data]
+        for x, y in zip(data, evaluated, strict=True):
+            torch.testing.assert_close(y, theirs(x), **tolerance(dtype))
+
+
 def test_state_dict_round_trip_both_ways():
     ours, theirs = twins(4, torch.float32)
     for _ in range(3):

@@ -54,3 +54,22 @@ def test_buffers_start_on_64_bytes_and_hold_their_values():
             assert buffer.data_ptr() % 64 == 0
             buffer.copy_(torch.arange(count, dtype=dtype))
             torch.testing.assert_close(buffer, torch.arange(count, dtype=dtype))
+
+
+def test_half_precision_buffers_have_the_dtype_asked_for():
+    """bfloat16 (no numpy dtype: uint16 arrays viewed by torch) and float16, with the
+    template's shape and strides; an idle buffer is reused only for its own kind."""
+    pool = BufferPool(min_bytes=0)
+    like = torch.empty(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    for dtype in (torch.bfloat16, torch.float16):
+        buffer = pool.empty_like(like, dtype)
+        assert (buffer.dtype, buffer.shape, buffer.stride()) == (dtype, like.shape, like.stride())
+        assert buffer.data_ptr() % 64 == 0
+        values = torch.randn(like.shape).to(dtype)
+        buffer.copy_(values)
+        assert torch.equal(buffer, values)
+    bf16 = pool.empty_like(like, torch.bfloat16)
+    address = bf16.data_ptr()
+    del bf16
+    assert pool.empty_like(like, torch.float16).data_ptr() != address  # a float16 array is not idle bfloat16
+    assert pool.empty_like(like, torch.bfloat16).data_ptr() == address

@@ -1,7 +1,8 @@
 """Output buffers that keep their memory pages between calls.
 
 A fresh multi-megabyte tensor comes from mmap, and writing it faults in every page:
-for a 51 MB output that costs about as much as the whole normalization. The pool
+for a 51 MB output that costs about as much as the whole normalization. The
+outputs, and the float32 copies that half-precision data is computed in, come from here. The pool
 hands out tensors backed by numpy arrays it keeps; an array whose tensor is gone
 (only the pool still refers to it) is handed out again, already mapped. What the
 pool keeps beyond the buffers in use is capped by ``max_idle_bytes``.
@@ -15,7 +16,8 @@ import threading
 import numpy as np
 import torch
 
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+# numpy has no bfloat16: its buffers are uint16 arrays, viewed as bfloat16 by torch
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 def _refcount(array: np.ndarray) -> int:
@@ -57,19 +59,23 @@ class BufferPool:
         self._arrays: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
-        """An uninitialized tensor with ``tensor``'s shape, strides and dtype (dense input)."""
-        dtype = _NUMPY.get(tensor.dtype)
-        nbytes = tensor.numel() * tensor.element_size()
-        if dtype is None or nbytes < self.min_bytes:
-            return torch.empty_like(tensor, memory_format=torch.preserve_format)
+    def empty_like(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialized tensor with ``tensor``'s shape and strides (dense input) and
+        ``dtype`` (default: ``tensor``'s)."""
+        dtype = tensor.dtype if dtype is None else dtype
+        kind = _NUMPY.get(dtype)
+        nbytes = tensor.numel() * dtype.itemsize
+        if kind is None or nbytes < self.min_bytes:
+            return torch.empty_like(tensor, dtype=dtype, memory_format=torch.preserve_format)
         with self._lock:
-            array = self._take_idle(nbytes, dtype)
+            array = self._take_idle(nbytes, kind)
             if array is None:
                 self._trim(nbytes)
-                array = _aligned_empty(tensor.numel(), dtype)
+                array = _aligned_empty(tensor.numel(), kind)
                 self._arrays.append(array)
             flat = torch.from_numpy(array)
+        if flat.dtype is not dtype:
+            flat = flat.view(dtype)
         return flat.as_strided(tensor.shape, tensor.stride())
 
     def _take_idle(self, nbytes: int, dtype) -> np.ndarray | None:

@@ -127,12 +127,13 @@ def dense_shape(x: Tensor, axis: int) -> tuple[int, int, int] | None:
 def kernel_input(input: Tensor, axis: int) -> tuple[Tensor, tuple[int, int, int]]:
     """``input`` itself when float32/float64 with dense memory, else a float32 or dense
     copy (half precision is computed in float32); with its (A, C, B)."""
-    x = input if input.dtype in ZERO else input.to(torch.float32)
-    shape = dense_shape(x, axis)
-    if shape is None:
-        x = x.contiguous()
-        shape = dense_shape(x, axis)
-    return x, shape
+    shape = dense_shape(input, axis)
+    if input.dtype in ZERO and shape is not None:
+        return input, shape
+    if shape is not None:  # dense half precision: a float32 copy with its strides, from the pool
+        return pool.empty_like(input, torch.float32).copy_(input), shape
+    x = (input if input.dtype in ZERO else input.to(torch.float32)).contiguous()
+    return x, dense_shape(x, axis)
 
 
 def dense(t: Tensor, dtype: torch.dtype, channels: int) -> bool:
@@ -159,8 +160,9 @@ def per_channel(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int
 
 
 def in_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
-    """``y`` itself when of ``dtype``, else a converted copy."""
-    return y if y.dtype is dtype else y.to(dtype)
+    """``y`` itself when of ``dtype``, else a converted copy (from the pool: a large fresh
+    tensor would fault in every page)."""
+    return y if y.dtype is dtype else pool.empty_like(y, dtype).copy_(y)
 
 
 def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, int, int] | None:
@@ -238,7 +240,7 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     dtype = x.dtype
     dy = grad_output
     if dy.dtype is not dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike
-        dy = torch.empty_like(x).copy_(dy)
+        dy = pool.empty_like(x).copy_(dy)
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
     w = per_channel(weight, dtype, 1.0, C)
