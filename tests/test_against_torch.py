@@ -147,7 +147,8 @@ def test_half_precision_above_the_pool_threshold(dtype, layout):
         assert y1.dtype == dtype and dx1.dtype == dtype
         torch.testing.assert_close(y1, y2, **tolerance(dtype))
         torch.testing.assert_close(dx1, dx2, **tolerance(dtype))
-    ours.eval(), theirs.eval()
+    ours.eval()
+    theirs.eval()
     with torch.no_grad():
         data = [view(source) for source in sources()]
         evaluated = [ours(x) for x in data]

@@ -120,7 +120,8 @@ def update_running_stats(
 @update_running_stats.register_kernel("cpu")
 def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     running = (running_mean, running_var, num_batches_tracked, count, momentum)
-    if var.dtype is mean.dtype and launch.dense(mean, mean.dtype, var.numel()) and var.is_contiguous():
+    alike = var.dtype is mean.dtype and var.numel() == mean.numel()
+    if alike and mean.is_contiguous() and var.is_contiguous():  # what _update_at trusts
         _update_at(running, mean, var, False, 0.0)
     else:  # statistics from a caller of the op, not from this project's forward
         _update_with_torch(running, mean, var, False, 0.0)
