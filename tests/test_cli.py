@@ -27,6 +27,21 @@ def test_bench_prints_a_filled_table(capsys, tmp_path):
     assert out.read_text().strip() == text.strip()
 
 
+def test_bench_times_half_precision_for_4d_shapes(capsys):
+    """A 4-D shape gets float16 and bfloat16 rows (NCHW, ours against torch's); the ratio
+    is torch's time over ours."""
+    assert cli.main(["bench", "--shape", "4,8,6,6", "--repeat", "1", "--no-compile", "--no-interleaved"]) == 0
+    text = capsys.readouterr().out
+    rows = re.findall(
+        r"^\| 4x8x6x6 \| (float16|bfloat16) \| ([a-z+-]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$", text, re.M
+    )
+    assert [(dtype, operation) for dtype, operation, *_ in rows] == [
+        (dtype, operation) for dtype in ("float16", "bfloat16") for operation in bench.OPERATIONS
+    ]
+    for *_, ours, theirs, ratio in rows:  # the times are printed to 1 us, the ratio from the unrounded times
+        assert float(ratio) == pytest.approx(float(theirs) / float(ours), rel=0.05)
+
+
 def test_help():
     result = subprocess.run([sys.executable, "-m", "batchnorm.cli", "bench", "--help"], capture_output=True, text=True)
     assert result.returncode == 0

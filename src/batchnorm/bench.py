@@ -5,6 +5,8 @@ this project's layer, torch eager in NCHW, torch eager in channels_last and
 torch.compile (inductor) in the row's layout. Bandwidth: a memory copy on a
 working set larger than twice the last-level cache, measured in the same
 process; forward-train moves 8 bytes per float32 element (one read, one write).
+Then, for each 4-D shape, float16 and bfloat16 data in NCHW through float32 layers
+(as under autocast), this project's against torch's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Row:
     layout: str
     operation: str
     times: dict[str, float]  # implementation -> median seconds
+    dtype: torch.dtype = torch.float32
 
 
 def median_time(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
@@ -161,6 +164,21 @@ def _alternating(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def half_precision(shapes, repeat: int) -> list[Row]:
+    """float16 and bfloat16 NCHW data of each 4-D shape through float32 layers (parameters
+    and buffers in float32, as under autocast): this project's layer and torch's, in
+    alternating rounds."""
+    rows = []
+    for shape in (s for s in shapes if len(s) == 4):
+        ours, theirs = _modules(shape[1], 4)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(shape).to(dtype)
+            for operation in OPERATIONS:
+                calls = {"batchnorm": _operation(ours, x, operation), "torch": _operation(theirs, x, operation)}
+                rows.append(Row(shape, "NCHW", operation, _alternating(calls, repeat, per_round=1), dtype))
+    return rows
+
+
 def interleaved(repeat: int) -> dict[str, float]:
     """conv -> batch norm -> conv, timed call by call, so that torch's OpenMP team and Numba's
     alternate: the batch norm after a conv, and the conv after the batch norm (does it start slower?)."""
@@ -240,6 +258,7 @@ def report(
     copy_bytes: int,
     mixed: dict[str, float] | None,
     mlp_step: dict[str, float] | None = None,
+    half: list[Row] | None = None,
 ) -> str:
     lines = [f"Machine: {machine()}", ""]
     lines.append(f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s")
@@ -287,6 +306,16 @@ def report(
             f"({same / 3 / floor:.2f}x the floor), 1.3x its faster layout {_ms(best / 1.3)} ms "
             f"({best / 1.3 / floor:.2f}x the floor)"
         )
+    if half:
+        lines += ["", "Half-precision data (NCHW) through float32 layers, as under autocast, medians:", ""]
+        lines.append("| shape | dtype | operation | batchnorm (ms) | torch (ms) | torch / ours |")
+        lines.append("|---|---|---|---|---|---|")
+        for row in half:
+            ours, theirs = row.times["batchnorm"], row.times["torch"]
+            lines.append(
+                f"| {'x'.join(map(str, row.shape))} | {str(row.dtype).removeprefix('torch.')} | {row.operation} "
+                f"| {_ms(ours)} | {_ms(theirs)} | {theirs / ours:.2f}x |"
+            )
     if mixed:
         lines.append("")
         lines.append(
@@ -311,5 +340,6 @@ def run(shapes=None, repeat: int = 20, with_compile: bool = True, with_interleav
     shapes = shapes or SHAPES
     bandwidth, copy_bytes = copy_bandwidth(repeat)
     rows = measure(shapes, repeat, with_compile)
+    half = half_precision(shapes, repeat)
     mixed = interleaved(repeat) if with_interleaved else None
-    return report(rows, bandwidth, copy_bytes, mixed, mlp_training_step(repeat))
+    return report(rows, bandwidth, copy_bytes, mixed, mlp_training_step(repeat), half)

@@ -4,10 +4,11 @@ Every kernel here (kernels/cpu.py, the ``*_channels_at`` and ``*_rows_at`` funct
 data addresses and the (A, C, B) shape of layout.py. On the development machine a
 numpy view of a tensor took 1.5 to 5 us to make and the old array launch spent about
 60 us in Python around a 20 us kernel; an integer argument costs a fraction of a
-microsecond. Since the kernels trust what they get, everything is checked here: a
-float32/float64 input with dense memory (or a converted copy), per-channel tensors
-dense with one value of the data's dtype per channel (or converted), outputs allocated
-here with the input's strides. Every tensor whose address a kernel gets is held by a
+microsecond. Since the kernels trust what they get, everything is checked here: an
+input with dense memory (or a dense copy), per-channel tensors dense with one value of
+the compute dtype per channel (or converted), outputs allocated here with the input's
+strides. Half-precision data goes to the kernels as it is, and they widen it to float32
+as they load it (STORED). Every tensor whose address a kernel gets is held by a
 local variable until the kernel returns: ``per_channel(t).data_ptr()`` written inline
 would hand over the memory of a converted copy already freed.
 """
@@ -27,7 +28,23 @@ from .layout import channel_view
 
 Tensor = torch.Tensor
 
+# the compute dtype of the statistics and per-channel tensors, as the kernels get it
 ZERO = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+# the type of the data as the kernels get it: Numba has no float16 and numpy no
+# bfloat16, so half precision goes as its bits, the integer type naming the format
+# (kernels/cpu.py, "half precision")
+STORED = {
+    torch.float32: np.float32(0),
+    torch.float64: np.float64(0),
+    torch.float16: np.int16(0),
+    torch.bfloat16: np.uint16(0),
+}
+COMPUTE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
 
 _local = threading.local()
 
@@ -125,14 +142,11 @@ def dense_shape(x: Tensor, axis: int) -> tuple[int, int, int] | None:
 
 
 def kernel_input(input: Tensor, axis: int) -> tuple[Tensor, tuple[int, int, int]]:
-    """``input`` itself when float32/float64 with dense memory, else a float32 or dense
-    copy (half precision is computed in float32); with its (A, C, B)."""
+    """``input`` itself when its memory is dense, else a contiguous copy; with its (A, C, B)."""
     shape = dense_shape(input, axis)
-    if input.dtype in ZERO and shape is not None:
+    if shape is not None:
         return input, shape
-    if shape is not None:  # dense half precision: a float32 copy with its strides, from the pool
-        return pool.empty_like(input, torch.float32).copy_(input), shape
-    x = (input if input.dtype in ZERO else input.to(torch.float32)).contiguous()
+    x = input.contiguous()
     return x, dense_shape(x, axis)
 
 
@@ -191,7 +205,7 @@ def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, 
 
 def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None):
     """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
-    to the addresses given, each ``C`` values of the compute dtype (float32 for half).
+    to the addresses given, each ``C`` values of the compute dtype (COMPUTE: float32 for half).
 
     With ``running`` (as in running_addresses) whose buffers running_addresses takes, the
     kernel call also makes the running update. Returns (y, updated): ``updated`` is None
@@ -201,7 +215,7 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
-    dtype = x.dtype
+    dtype = COMPUTE[x.dtype]
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
@@ -209,9 +223,9 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     kernel = _TRAIN[_family(A, C, B, x.element_size())]
     updated = kernel(
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
-        _past_caches(2, y, C, B), ZERO[dtype], running_mean, running_var, counter, momentum,
+        _past_caches(2, y, C, B), ZERO[dtype], STORED[x.dtype], running_mean, running_var, counter, momentum,
     )  # fmt: skip
-    return in_dtype(y, input.dtype), (updated if buffers else None)
+    return y, (updated if buffers else None)
 
 
 def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float, axis: int) -> Tensor:
@@ -219,15 +233,15 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
-    dtype = x.dtype
+    dtype = COMPUTE[x.dtype]
     rm, rv = per_channel(running_mean, dtype, 0.0, C), per_channel(running_var, dtype, 1.0, C)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     kernel = cpu.forward_eval_rows_at if B == 1 else cpu.forward_eval_channels_at
     kernel(
         x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
-        threads, _past_caches(2, y, C, B), ZERO[dtype],
+        threads, _past_caches(2, y, C, B), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
-    return in_dtype(y, input.dtype)
+    return y
 
 
 def backward(grad_output, input, mean: int, invstd: int, weight, training: bool, axis: int, input_grad: bool):
@@ -237,9 +251,9 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     compute dtype."""
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
-    dtype = x.dtype
+    dtype = COMPUTE[x.dtype]
     dy = grad_output
-    if dy.dtype is not dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike
+    if dy.dtype is not x.dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike
         dy = pool.empty_like(x).copy_(dy)
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
@@ -248,7 +262,6 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     kernel(
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads,
-        dx is not None and _past_caches(3, dx, C, B), ZERO[dtype],
+        dx is not None and _past_caches(3, dx, C, B), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
-    dx = input.new_empty(0) if dx is None else in_dtype(dx, input.dtype)
-    return dx, dweight, dbias
+    return (input.new_empty(0) if dx is None else dx), dweight, dbias

@@ -32,7 +32,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf (see above).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -46,6 +46,105 @@ def _finish_stats(shift, total, total_sq, m, eps):
     mean_shifted = total / m
     var = max(total_sq / m - mean_shifted * mean_shifted, 0.0)
     return shift + mean_shifted, var, 1.0 / math.sqrt(var + eps)
+
+
+# ------------------------------------------------------------------ half precision
+#
+# Numba has no float16 on the CPU and numpy no bfloat16, so half-precision data comes
+# to the kernels as arrays of its bits, the integer type naming the format: float16 as
+# int16, bfloat16 as uint16 (STORED in launch.py). A value is widened to float32 as it
+# is loaded (_up) and rounded back as it is stored (_down), so the data crosses memory
+# at 2 bytes a value; the statistics, coefficients and arithmetic are float32 (the
+# compute dtype of every per-channel array), as in torch's half-precision kernels.
+# float16 converts with LLVM's fpext/fptrunc (F16C's vcvtph2ps/vcvtps2ph on x86);
+# bfloat16 is the top half of a float32, rounded to nearest even as c10::BFloat16 does.
+
+BFLOAT16_NAN = 0x7FC0
+HALF_FORMATS = (types.int16, types.uint16)  # float16, bfloat16
+
+
+def _shaped(element, like):
+    """``element`` (an LLVM type), or a vector of it with as many lanes as ``like`` has."""
+    return ir.VectorType(element, like.type.count) if isinstance(like.type, ir.VectorType) else element
+
+
+def _constant(type_, value):
+    return ir.Constant(type_, [value] * type_.count if isinstance(type_, ir.VectorType) else value)
+
+
+def _widen(builder, bits, stored):
+    """float32 value(s) from the 16-bit ``bits`` (scalar or vector) of format ``stored``."""
+    if stored == types.int16:
+        return builder.fpext(builder.bitcast(bits, _shaped(ir.HalfType(), bits)), _shaped(ir.FloatType(), bits))
+    wide = builder.zext(bits, _shaped(ir.IntType(32), bits))
+    wide = builder.shl(wide, _constant(wide.type, 16))
+    return builder.bitcast(wide, _shaped(ir.FloatType(), bits))
+
+
+def _narrow(builder, value, stored):
+    """The 16-bit bits of format ``stored`` of the float32 ``value`` (scalar or vector),
+    rounded to nearest even; bfloat16 as c10::BFloat16 rounds, NaN to BFLOAT16_NAN."""
+    half_bits = _shaped(ir.IntType(16), value)
+    if stored == types.int16:
+        return builder.bitcast(builder.fptrunc(value, _shaped(ir.HalfType(), value)), half_bits)
+    bits = builder.bitcast(value, _shaped(ir.IntType(32), value))
+    lowest_kept = builder.and_(builder.lshr(bits, _constant(bits.type, 16)), _constant(bits.type, 1))
+    rounded = builder.add(bits, builder.add(lowest_kept, _constant(bits.type, 0x7FFF)))
+    top = builder.trunc(builder.lshr(rounded, _constant(bits.type, 16)), half_bits)
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.select(is_nan, _constant(half_bits, BFLOAT16_NAN), top)
+
+
+@intrinsic
+def _half_to_float32(typingctx, bits):
+    """The half-precision value whose bits are ``bits`` (int16: float16, uint16: bfloat16), as float32."""
+    if bits not in HALF_FORMATS:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _widen(builder, args[0], signature.args[0])
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float32_to_half(typingctx, value, like):
+    """The bits of the float32 ``value`` in ``like``'s half-precision format (see _half_to_float32)."""
+    if value != types.float32 or like not in HALF_FORMATS:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _narrow(builder, args[0], signature.args[1])
+
+    return like(value, like), codegen
+
+
+def _up(value):
+    """A loaded data value in the compute dtype: float32/float64 as they are, half-precision bits as float32."""
+
+
+@overload(_up, jit_options=_serial)
+def _up_overload(value):
+    if isinstance(value, types.Float):
+        return lambda value: value
+    if value in HALF_FORMATS:
+        return lambda value: _half_to_float32(value)
+    return None
+
+
+def _down(value, data):
+    """``value`` as stored in the array ``data``: float32/float64 as it is (the store
+    converts), float16 (int16) and bfloat16 (uint16) bits rounded to nearest even."""
+
+
+@overload(_down, jit_options=_serial)
+def _down_overload(value, data):
+    if isinstance(data.dtype, types.Float):
+        return lambda value, data: value
+    if data.dtype in HALF_FORMATS:
+        zero = np.int16(0) if data.dtype == types.int16 else np.uint16(0)
+        return lambda value, data: _float32_to_half(np.float32(value), zero)
+    return None
 
 
 # ----------------------------------------------------------- software prefetch
@@ -125,28 +224,57 @@ def _lanes(context, builder, vector, kind, value, element):
     return builder.load(builder.inttoptr(value, vector.as_pointer()), align=1)
 
 
-def _vector_store(formula, like, out, operands):
-    """The signature and codegen of an intrinsic (like, out, *operands) that computes
-    ``formula`` on one 32-byte vector (8 float32 or 4 float64 lanes of the dtype of ``like``,
-    any value of the data) and stores it past the caches at the integer address ``out``
-    (32-byte aligned). Each operand is an integer address of a vector, or a float, rounded
-    to ``like``'s dtype and used in every lane."""
-    if not (isinstance(like, types.Float) and isinstance(out, types.Integer)):
+def _vector_store(formula, like, array, out, operands, data):
+    """The signature and codegen of an intrinsic (like, array, out, *operands) that computes
+    ``formula`` on one 32-byte vector (8 float32 or 4 float64 lanes of the compute dtype,
+    that of ``like``) and stores it past the caches at the integer address ``out``, in the
+    type of the data ``array`` (``like``'s, or half-precision bits with float32: then a
+    16-byte vector); the values of ``like`` and ``array`` are not used. Each operand is a
+    float, rounded to the compute dtype and used in every lane, or the integer address of
+    a vector: of data for the first ``data`` operands (widened as it is loaded), else of
+    per-channel values in the compute dtype. ``out`` must be aligned to the stored
+    vector's size."""
+    if not (like in (types.float32, types.float64) and isinstance(out, types.Integer)):
+        return None
+    if not isinstance(array, types.Array):
+        return None
+    stored = array.dtype
+    if not (stored == like or (like == types.float32 and stored in HALF_FORMATS)):
         return None
     if not all(isinstance(a, (types.Integer, types.Float)) for a in operands):
         return None
 
     def codegen(context, builder, signature, values):
-        element = ir.FloatType() if signature.args[0] == types.float32 else ir.DoubleType()
-        vector = ir.VectorType(element, VECTOR_BYTES // (4 if signature.args[0] == types.float32 else 8))
-        kinds = signature.args[2:]
-        lanes = [_lanes(context, builder, vector, k, v, like) for k, v in zip(kinds, values[2:], strict=True)]
-        store = builder.store(formula(builder, *lanes), builder.inttoptr(values[1], vector.as_pointer()),
-                              align=VECTOR_BYTES)  # fmt: skip
+        element = ir.FloatType() if like == types.float32 else ir.DoubleType()
+        vector = ir.VectorType(element, VECTOR_BYTES // (4 if like == types.float32 else 8))
+        half = stored in HALF_FORMATS
+        storage = ir.VectorType(ir.IntType(16), vector.count) if half else vector
+        lanes = []
+        for i, (kind, value) in enumerate(zip(signature.args[3:], values[3:], strict=True)):
+            if i < data and half:
+                lanes.append(_widen(builder, _lanes(context, builder, storage, kind, value, like), stored))
+            else:
+                lanes.append(_lanes(context, builder, vector, kind, value, like))
+        result = formula(builder, *lanes)
+        if half:
+            result = _narrow(builder, result, stored)
+        size = storage.count * 2 if half else VECTOR_BYTES
+        store = builder.store(result, builder.inttoptr(values[2], storage.as_pointer()), align=size)
         store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
         return context.get_dummy_value()
 
-    return types.none(like, out, *operands), codegen
+    return types.none(like, array, out, *operands), codegen
+
+
+def _vector_span(like, data):
+    """Bytes of the array ``data`` that one vector of _vector_store covers, computing in
+    ``like``'s dtype: 32 for float32 or float64 data, 16 for half-precision data."""
+
+
+@overload(_vector_span, jit_options=_serial)
+def _vector_span_overload(like, data):
+    span = VECTOR_BYTES * data.dtype.bitwidth // like.bitwidth
+    return lambda like, data: span
 
 
 _FUSED = ("contract",)  # as the loops' fastmath: a * b + c may become one fma
@@ -164,15 +292,15 @@ def _two_term_formula(builder, dy, x, dy_scale, center, x_scale, const):
 
 
 @intrinsic
-def _affine_nt(typingctx, like, y, x, mean, scale, offset):
+def _affine_nt(typingctx, like, array, y, x, mean, scale, offset):
     """y = (x - mean) * scale + offset on one vector, stored past the caches (_vector_store)."""
-    return _vector_store(_affine_formula, like, y, (x, mean, scale, offset))
+    return _vector_store(_affine_formula, like, array, y, (x, mean, scale, offset), data=1)
 
 
 @intrinsic
-def _two_term_nt(typingctx, like, dx, dy, x, dy_scale, center, x_scale, const):
+def _two_term_nt(typingctx, like, array, dx, dy, x, dy_scale, center, x_scale, const):
     """dx = dy * dy_scale + ((x - center) * x_scale + const) on one vector, as _affine_nt."""
-    return _vector_store(_two_term_formula, like, dx, (dy, x, dy_scale, center, x_scale, const))
+    return _vector_store(_two_term_formula, like, array, dx, (dy, x, dy_scale, center, x_scale, const), data=2)
 
 
 @intrinsic
@@ -193,11 +321,12 @@ def _store_fence(typingctx):
 @njit(**_serial)
 def _affine_row_nt(x, y, a, c, mean, scale, offset):
     """y[a, c, :] = (x[a, c, :] - mean) * scale + offset on (A, C, B) arrays, stored past the
-    caches; the row must be whole cache lines (launch.py checks)."""
+    caches; the row must be whole cache lines (launch.py checks). ``mean``, ``scale`` and
+    ``offset`` are of the compute dtype."""
     B, size = x.shape[2], x.itemsize
     start = (a * x.shape[1] + c) * B * size
-    for at in range(start, start + B * size, VECTOR_BYTES):
-        _affine_nt(x[a, c, 0], y.ctypes.data + at, x.ctypes.data + at, mean, scale, offset)
+    for at in range(start, start + B * size, _vector_span(mean, x)):
+        _affine_nt(mean, x, y.ctypes.data + at, x.ctypes.data + at, mean, scale, offset)
 
 
 @njit(**_serial)
@@ -205,9 +334,9 @@ def _two_term_row_nt(dy, x, dx, a, c, dy_scale, center, x_scale, const):
     """dx[a, c, :] = dy[a, c, :] * dy_scale + (x[a, c, :] - center) * x_scale + const, as _affine_row_nt."""
     B, size = x.shape[2], x.itemsize
     start = (a * x.shape[1] + c) * B * size
-    for at in range(start, start + B * size, VECTOR_BYTES):
+    for at in range(start, start + B * size, _vector_span(dy_scale, x)):
         dy_at, x_at, dx_at = dy.ctypes.data + at, x.ctypes.data + at, dx.ctypes.data + at
-        _two_term_nt(x[a, c, 0], dx_at, dy_at, x_at, dy_scale, center, x_scale, const)
+        _two_term_nt(dy_scale, x, dx_at, dy_at, x_at, dy_scale, center, x_scale, const)
 
 
 # ---------------------------------------------------------------- forward, train
@@ -227,14 +356,14 @@ def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_ou
     for c in prange(C):
         for a in range(min(PREFETCH_ROWS, A)):
             _prefetch_row(base, a * C + c, row_bytes)
-        shift = np.float64(x[0, c, 0])
+        shift = np.float64(_up(x[0, c, 0]))
         total = 0.0
         total_sq = 0.0
         for a in range(A):
             if a + PREFETCH_ROWS < A:
                 _prefetch_row(base, (a + PREFETCH_ROWS) * C + c, row_bytes)
             for b in range(B):
-                d = np.float64(x[a, c, b]) - shift
+                d = np.float64(_up(x[a, c, b])) - shift
                 total += d
                 total_sq += d * d
         mean, var, invstd = _finish_stats(shift, total, total_sq, m, eps)
@@ -252,7 +381,7 @@ def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_ou
         else:
             for a in range(A):
                 for b in range(B):
-                    y[a, c, b] = (x[a, c, b] - mu) * s + beta
+                    y[a, c, b] = _down((_up(x[a, c, b]) - mu) * s + beta, y)
 
 
 # rows summed in the data's dtype before each float64 carry (see _channel_sums_rows)
@@ -263,12 +392,12 @@ ROW_BLOCK = 16
 def _channel_sums_rows(x, shift, other, threads):
     """Per-chunk float64 sums over the rows of (A, C) data, vectorized over C.
 
-    ``shift`` has the data's dtype.
+    ``shift`` has the compute dtype.
     With ``other`` None: sum(x - shift) and sum((x - shift)^2).
     With ``other`` given: sum(other) and sum(other * (x - shift)).
     Returns two (chunks, C) arrays; the caller adds the chunks.
 
-    Blocks of ROW_BLOCK rows are summed in the data's dtype (8 float32 lanes per
+    Blocks of ROW_BLOCK rows are summed in the compute dtype (8 float32 lanes per
     vector instead of 4 float64) and each block's sum is carried in float64: a
     block adds at most 16 terms, so its relative rounding error is below 16 * 2^-24,
     about 1e-6, and the float64 carries add nothing to it.
@@ -282,17 +411,17 @@ def _channel_sums_rows(x, shift, other, threads):
         hi = (t + 1) * A // chunks
         f = first[t]
         s = second[t]
-        block_first = np.zeros(C, x.dtype)
-        block_second = np.zeros(C, x.dtype)
+        block_first = np.zeros(C, shift.dtype)
+        block_second = np.zeros(C, shift.dtype)
         for start in range(lo, hi, ROW_BLOCK):
             for a in range(start, min(start + ROW_BLOCK, hi)):
                 for c in range(C):
-                    d = x[a, c] - shift[c]
+                    d = _up(x[a, c]) - shift[c]
                     if other is None:
                         block_first[c] += d
                         block_second[c] += d * d
                     else:
-                        g = other[a, c]
+                        g = _up(other[a, c])
                         block_first[c] += g
                         block_second[c] += g * d
             for c in range(C):
@@ -309,19 +438,19 @@ def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal):
     when ``nontemporal`` (rows of whole cache lines; per-channel values loaded as vectors)."""
     A, C = x.shape
     chunks = min(threads, A)
-    step, size = VECTOR_BYTES // x.itemsize, x.itemsize
+    step, size, channel_size = VECTOR_BYTES // mean.itemsize, x.itemsize, mean.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
             if nontemporal:
                 for c in range(0, C, step):
-                    at = (a * C + c) * size
+                    at, k = (a * C + c) * size, c * channel_size
                     _affine_nt(
-                        x[a, 0], y.ctypes.data + at, x.ctypes.data + at,
-                        mean.ctypes.data + c * size, scale.ctypes.data + c * size, offset.ctypes.data + c * size,
+                        mean[0], x, y.ctypes.data + at, x.ctypes.data + at,
+                        mean.ctypes.data + k, scale.ctypes.data + k, offset.ctypes.data + k,
                     )  # fmt: skip
             else:
                 for c in range(C):
-                    y[a, c] = (x[a, c] - mean[c]) * scale[c] + offset[c]
+                    y[a, c] = _down((_up(x[a, c]) - mean[c]) * scale[c] + offset[c], y)
         if nontemporal:
             _store_fence()
 
@@ -345,7 +474,9 @@ def _finish_chunks(shift, first, second, m, eps, weight, mean_out, invstd_out, v
 def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
     """Algorithm 1 on (A, C) data (channels last): sums over row chunks, then the map."""
     A, C = x.shape
-    shift = x[0].copy()
+    shift = np.empty_like(mean_out)
+    for c in range(C):
+        shift[c] = _up(x[0, c])
     first, second = _channel_sums_rows(x, shift, None, threads)
     scale = _finish_chunks(shift, first, second, A, eps, weight, mean_out, invstd_out, var_out)
     _centered_affine_rows(x, mean_out, scale, bias, y, threads, nontemporal)
@@ -384,14 +515,14 @@ def _channel_sums_stream(x, shift, other, threads):
             s = 0.0
             if other is None:
                 for b in range(B):
-                    d = np.float64(x[a, c, b]) - k
+                    d = np.float64(_up(x[a, c, b])) - k
                     f += d
                     s += d * d
             else:
                 for b in range(B):
-                    g = np.float64(other[a, c, b])
+                    g = np.float64(_up(other[a, c, b]))
                     f += g
-                    s += g * (np.float64(x[a, c, b]) - k)
+                    s += g * (np.float64(_up(x[a, c, b])) - k)
             first[t, c] += f
             second[t, c] += s
     return first, second
@@ -401,9 +532,9 @@ def _channel_sums_stream(x, shift, other, threads):
 def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
     """Algorithm 1 on (A, C, B) data in two passes in memory order: the sums, then the map."""
     A, C, B = x.shape
-    shift = np.empty(C, x.dtype)
+    shift = np.empty_like(mean_out)
     for c in range(C):
-        shift[c] = x[0, c, 0]
+        shift[c] = _up(x[0, c, 0])
     first, second = _channel_sums_stream(x, shift, None, threads)
     scale = _finish_chunks(shift, first, second, A * B, eps, weight, mean_out, invstd_out, var_out)
     _centered_affine_channels(x, mean_out, scale, bias, y, threads, nontemporal)
@@ -414,7 +545,7 @@ def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out,
 
 @njit(**_serial)
 def _eval_scale(running_mean, running_var, weight, eps, dtype_like):
-    """E[x] and scale = gamma/sqrt(Var[x] + eps) in the data's dtype.
+    """E[x] and scale = gamma/sqrt(Var[x] + eps) in the compute dtype, ``dtype_like``'s.
 
     Inference is one affine map per channel; it is applied as (x - E[x]) * scale + beta
     rather than x * scale + (beta - E[x]*scale), which cancels when |E[x]| >> std.
@@ -446,20 +577,20 @@ def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
                 _affine_row_nt(x, y, a, c, mu, s, o)
             else:
                 for b in range(B):
-                    y[a, c, b] = (x[a, c, b] - mu) * s + o
+                    y[a, c, b] = _down((_up(x[a, c, b]) - mu) * s + o, y)
         if nontemporal:
             _store_fence()
 
 
 @njit(**_serial)
 def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
-    mean, scale = _eval_scale(running_mean, running_var, weight, eps, y)
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps, weight)
     _centered_affine_channels(x, mean, scale, bias, y, threads, nontemporal)
 
 
 @njit(**_serial)
 def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
-    mean, scale = _eval_scale(running_mean, running_var, weight, eps, y)
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps, weight)
     _centered_affine_rows(x, mean, scale, bias, y, threads, nontemporal)
 
 
@@ -490,9 +621,9 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
                 _prefetch_row(x_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
                 _prefetch_row(dy_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
             for b in range(B):
-                g = np.float64(dy[a, c, b])
+                g = np.float64(_up(dy[a, c, b]))
                 total += g
-                total_x += g * (np.float64(x[a, c, b]) - mu)
+                total_x += g * (np.float64(_up(x[a, c, b])) - mu)
         inv = np.float64(invstd[c])
         sum_dy_xhat = total_x * inv
         dbias[c] = total
@@ -500,8 +631,8 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
         if dx.shape[0] == 0:
             continue
         gain = np.float64(weight[c]) * inv
-        # coefficients rounded once to the data's dtype, so the loops below vectorize in it
-        coef = np.empty(4, dx.dtype)
+        # coefficients rounded once to the compute dtype, so the loops below vectorize in it
+        coef = np.empty(4, invstd.dtype)
         coef[0] = gain
         coef[1] = -gain / m * inv * sum_dy_xhat
         coef[2] = -gain / m * total
@@ -518,18 +649,18 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
             else:
                 for a in range(A):
                     for b in range(B):
-                        dx[a, c, b] = dy[a, c, b] * a_dy + ((x[a, c, b] - mu_x) * a_x + const)
+                        dx[a, c, b] = _down(_up(dy[a, c, b]) * a_dy + ((_up(x[a, c, b]) - mu_x) * a_x + const), dx)
         else:
             for a in range(A):
                 for b in range(B):
-                    dx[a, c, b] = dy[a, c, b] * a_dy
+                    dx[a, c, b] = _down(_up(dy[a, c, b]) * a_dy, dx)
 
 
 @njit(**_serial)
 def _backward_coefficients(first, second, shift, mean, invstd, weight, training, m, dweight, dbias, dtype_like):
     """dbeta, dgamma and the per-channel coefficients of dx = dy * dy_scale + (x - shift) *
     x_scale + const from per-chunk sums(dy) and sum(dy * (x - shift)), ``shift`` the mean
-    rounded to the data's dtype (the rounding is corrected here)."""
+    rounded to the compute dtype (the rounding is corrected here), that of ``dtype_like``."""
     C = mean.shape[0]
     dy_scale = np.empty(C, dtype_like.dtype)
     x_scale = np.empty(C, dtype_like.dtype)
@@ -557,7 +688,7 @@ def _backward_coefficients(first, second, shift, mean, invstd, weight, training,
 
 @njit(**_serial)
 def _shift_of(mean, dtype_like):
-    """The mean rounded to the data's dtype, the shift of the backward sums."""
+    """The mean rounded to the compute dtype (``dtype_like``'s), the shift of the backward sums."""
     shift = np.empty(mean.shape[0], dtype_like.dtype)
     for c in range(mean.shape[0]):
         shift[c] = mean[c]
@@ -568,10 +699,10 @@ def _shift_of(mean, dtype_like):
 def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
     """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
     A, C = x.shape
-    shift = _shift_of(mean, x)
+    shift = _shift_of(mean, invstd)
     first, second = _channel_sums_rows(x, shift, dy, threads)
     dy_scale, x_scale, const = _backward_coefficients(
-        first, second, shift, mean, invstd, weight, training, A, dweight, dbias, dx
+        first, second, shift, mean, invstd, weight, training, A, dweight, dbias, invstd
     )
     if dx.shape[0] == 0:
         return
@@ -582,10 +713,10 @@ def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, thr
 def backward_stream(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
     """Gradients on (A, C, B) data in two passes in memory order; formulas of backward_channels."""
     A, C, B = x.shape
-    shift = _shift_of(mean, x)
+    shift = _shift_of(mean, invstd)
     first, second = _channel_sums_stream(x, shift, dy, threads)
     dy_scale, x_scale, const = _backward_coefficients(
-        first, second, shift, mean, invstd, weight, training, A * B, dweight, dbias, dx
+        first, second, shift, mean, invstd, weight, training, A * B, dweight, dbias, invstd
     )
     if dx.shape[0] == 0:
         return
@@ -611,7 +742,7 @@ def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, non
                 _two_term_row_nt(dy, x, dx, a, c, p, k, q, o)
             else:
                 for b in range(B):
-                    dx[a, c, b] = dy[a, c, b] * p + ((x[a, c, b] - k) * q + o)
+                    dx[a, c, b] = _down(_up(dy[a, c, b]) * p + ((_up(x[a, c, b]) - k) * q + o), dx)
         if nontemporal:
             _store_fence()
 
@@ -622,20 +753,22 @@ def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemp
     past the caches as in _centered_affine_rows."""
     A, C = x.shape
     chunks = min(threads, A)
-    step, size = VECTOR_BYTES // x.itemsize, x.itemsize
+    step, size, channel_size = VECTOR_BYTES // center.itemsize, x.itemsize, center.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
             if nontemporal:
                 for c in range(0, C, step):
-                    at, k = (a * C + c) * size, c * size
+                    at, k = (a * C + c) * size, c * channel_size
                     _two_term_nt(
-                        x[a, 0], dx.ctypes.data + at, dy.ctypes.data + at, x.ctypes.data + at,
+                        center[0], x, dx.ctypes.data + at, dy.ctypes.data + at, x.ctypes.data + at,
                         dy_scale.ctypes.data + k, center.ctypes.data + k, x_scale.ctypes.data + k,
                         const.ctypes.data + k,
                     )  # fmt: skip
             else:
                 for c in range(C):
-                    dx[a, c] = dy[a, c] * dy_scale[c] + ((x[a, c] - center[c]) * x_scale[c] + const[c])
+                    dx[a, c] = _down(
+                        _up(dy[a, c]) * dy_scale[c] + ((_up(x[a, c]) - center[c]) * x_scale[c] + const[c]), dx
+                    )
         if nontemporal:
             _store_fence()
 
@@ -796,8 +929,9 @@ def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
 # launch.py calls these: a numpy view of a tensor costs 1.5 to 5 us to make, an
 # address a fraction of one. Data is (A, C, B) as above; the ``_rows_at`` kernels
 # take B == 1 data as (A, C), the ``_channels_at`` and ``_stream_at`` kernels the rest
-# (the channel-major ones ignore ``threads``; prange splits channels). Per-channel
-# tensors hold C values of the data's dtype. Separate functions rather than one with a
+# (the channel-major ones ignore ``threads``; prange splits channels). The data (x, y,
+# dy, dx) holds values of ``stored``'s type (half precision as its bits, see above),
+# the per-channel tensors C values of the compute dtype, ``zero``'s. Separate functions rather than one with a
 # branch, so that a first call compiles only the kernels its layout uses.
 
 
@@ -818,7 +952,7 @@ def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum,
 
 @njit(**_serial)
 def forward_train_channels_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero,
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
     running_mean, running_var, counter, momentum,
 ):  # fmt: skip
     """forward_train_channels; the statistics go to mean, invstd and var, then the
@@ -826,7 +960,7 @@ def forward_train_channels_at(
     from Python instead of two). Returns False when the update was refused (statistics
     not finite)."""
     forward_train_channels(
-        _at(x, (A, C, B), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
+        _at(x, (A, C, B), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), stored),
         _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
@@ -834,12 +968,12 @@ def forward_train_channels_at(
 
 @njit(**_serial)
 def forward_train_rows_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero,
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
     running_mean, running_var, counter, momentum,
 ):  # fmt: skip
     """forward_train_rows (B == 1); statistics, update and result as forward_train_channels_at."""
     forward_train_rows(
-        _at(x, (A, C), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C), zero),
+        _at(x, (A, C), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C), stored),
         _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A, momentum, zero)
@@ -847,60 +981,68 @@ def forward_train_rows_at(
 
 @njit(**_serial)
 def forward_train_stream_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero,
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
     running_mean, running_var, counter, momentum,
 ):  # fmt: skip
     """forward_train_stream; statistics, update and result as forward_train_channels_at."""
     forward_train_stream(
-        _at(x, (A, C, B), zero), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), zero),
+        _at(x, (A, C, B), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), stored),
         _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
 
 
 @njit(**_serial)
-def forward_eval_channels_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero):
+def forward_eval_channels_at(
+    x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero, stored
+):
     forward_eval_channels(
-        _at(x, (A, C, B), zero), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C, B), zero), threads, nontemporal,
+        _at(x, (A, C, B), stored), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
+        _at(bias, C, zero), eps, _at(y, (A, C, B), stored), threads, nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def forward_eval_rows_at(x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero):
+def forward_eval_rows_at(
+    x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero, stored
+):
     forward_eval_rows(
-        _at(x, (A, C), zero), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C), zero), threads, nontemporal,
+        _at(x, (A, C), stored), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
+        _at(bias, C, zero), eps, _at(y, (A, C), stored), threads, nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
 def backward_channels_at(
-    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
 ):
     """backward_channels; no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), zero)
+    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), stored)
     backward_channels(
-        _at(dy, (A, C, B), zero), _at(x, (A, C, B), zero), _at(mean, C, zero), _at(invstd, C, zero),
+        _at(dy, (A, C, B), stored), _at(x, (A, C, B), stored), _at(mean, C, zero), _at(invstd, C, zero),
         _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_rows_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero):
+def backward_rows_at(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
+):
     """backward_rows (B == 1); no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C), zero)
+    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C), stored)
     backward_rows(
-        _at(dy, (A, C), zero), _at(x, (A, C), zero), _at(mean, C, zero), _at(invstd, C, zero),
+        _at(dy, (A, C), stored), _at(x, (A, C), stored), _at(mean, C, zero), _at(invstd, C, zero),
         _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
     )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_stream_at(dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero):
+def backward_stream_at(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
+):
     """backward_stream; no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), zero)
+    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), stored)
     backward_stream(
-        _at(dy, (A, C, B), zero), _at(x, (A, C, B), zero), _at(mean, C, zero), _at(invstd, C, zero),
+        _at(dy, (A, C, B), stored), _at(x, (A, C, B), stored), _at(mean, C, zero), _at(invstd, C, zero),
         _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
     )  # fmt: skip
