@@ -2,8 +2,8 @@
 
 A fresh multi-megabyte tensor comes from mmap, and writing it faults in every page:
 for a 51 MB output that costs about as much as the whole normalization. The outputs
-come from here, and so do the float32 copies that half-precision data is computed in.
-The pool hands out tensors backed by numpy arrays it keeps; an array whose tensor is
+come from here (half-precision ones too), and so do the copies of a gradient whose
+dtype or strides differ from the input's. The pool hands out tensors backed by numpy arrays it keeps; an array whose tensor is
 gone (only the pool still refers to it) is handed out again, already mapped. What the
 pool keeps beyond the buffers in use is capped by ``max_idle_bytes``.
 """

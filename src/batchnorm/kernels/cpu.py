@@ -8,9 +8,10 @@ A contiguous NCHW tensor is ``(N, C, H*W)``; a channels_last tensor is
 and split into ``threads`` chunks of rows. Data with B > 1 goes to the ``_channels``
 kernels (one channel per task, normalized while it is in cache) or, with short rows in
 a tensor that fits in the last-level cache, to the ``_stream`` kernels (two passes in
-memory order); launch.py chooses. No layout is copied to suit a kernel. The map passes
-store their output past the caches when the call's tensors fill the last-level cache
-(see "non-temporal stores").
+memory order); launch.py chooses. No layout is copied to suit a kernel, and no dtype:
+float16 and bfloat16 data is read and written as it is and computed in float32 (see
+"half precision"). The map passes store their output past the caches when the call's
+tensors fill the last-level cache (see "non-temporal stores").
 
 Statistics accumulate in float64 around a per-channel shift ``K`` (the
 channel's first value), so that
