@@ -60,16 +60,19 @@ def test_half_precision_buffers_have_the_dtype_asked_for():
     """bfloat16 (no numpy dtype: uint16 arrays viewed by torch) and float16, with the
     template's shape and strides; an idle buffer is reused only for its own kind."""
     pool = BufferPool(min_bytes=0)
-    like = torch.empty(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
-    for dtype in (torch.bfloat16, torch.float16):
-        buffer = pool.empty_like(like, dtype)
-        assert (buffer.dtype, buffer.shape, buffer.stride()) == (dtype, like.shape, like.stride())
+    like = {
+        dtype: torch.empty(4, 3, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        for dtype in (torch.bfloat16, torch.float16)
+    }
+    for dtype, template in like.items():
+        buffer = pool.empty_like(template)
+        assert (buffer.dtype, buffer.shape, buffer.stride()) == (dtype, template.shape, template.stride())
         assert buffer.data_ptr() % 64 == 0
-        values = torch.randn(like.shape).to(dtype)
+        values = torch.randn(template.shape).to(dtype)
         buffer.copy_(values)
         assert torch.equal(buffer, values)
-    bf16 = pool.empty_like(like, torch.bfloat16)
+    bf16 = pool.empty_like(like[torch.bfloat16])
     address = bf16.data_ptr()
     del bf16
-    assert pool.empty_like(like, torch.float16).data_ptr() != address  # a float16 array is not idle bfloat16
-    assert pool.empty_like(like, torch.bfloat16).data_ptr() == address
+    assert pool.empty_like(like[torch.float16]).data_ptr() != address  # a float16 array is not idle bfloat16
+    assert pool.empty_like(like[torch.bfloat16]).data_ptr() == address

@@ -3,9 +3,10 @@
 A fresh multi-megabyte tensor comes from mmap, and writing it faults in every page:
 for a 51 MB output that costs about as much as the whole normalization. The outputs
 come from here (half-precision ones too), and so do the copies of a gradient whose
-dtype or strides differ from the input's. The pool hands out tensors backed by numpy arrays it keeps; an array whose tensor is
-gone (only the pool still refers to it) is handed out again, already mapped. What the
-pool keeps beyond the buffers in use is capped by ``max_idle_bytes``.
+dtype or strides differ from the input's. The pool hands out tensors backed by numpy
+arrays it keeps; an array whose tensor is gone (only the pool still refers to it) is
+handed out again, already mapped. What the pool keeps beyond the buffers in use is
+capped by ``max_idle_bytes``.
 """
 
 from __future__ import annotations
@@ -59,14 +60,13 @@ class BufferPool:
         self._arrays: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def empty_like(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """An uninitialized tensor with ``tensor``'s shape and strides (dense input) and
-        ``dtype`` (default: ``tensor``'s)."""
-        dtype = tensor.dtype if dtype is None else dtype
+    def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor with ``tensor``'s shape, strides and dtype (dense input)."""
+        dtype = tensor.dtype
         kind = _NUMPY.get(dtype)
-        nbytes = tensor.numel() * dtype.itemsize
+        nbytes = tensor.numel() * tensor.element_size()
         if kind is None or nbytes < self.min_bytes:
-            return torch.empty_like(tensor, dtype=dtype, memory_format=torch.preserve_format)
+            return torch.empty_like(tensor, memory_format=torch.preserve_format)
         with self._lock:
             array = self._take_idle(nbytes, kind)
             if array is None:

@@ -24,6 +24,7 @@ import torch
 
 from .buffers import pool
 from .kernels import cpu
+from .kernels.reference import compute_dtype
 from .layout import channel_view
 
 Tensor = torch.Tensor
@@ -38,12 +39,6 @@ STORED = {
     torch.float64: np.float64(0),
     torch.float16: np.int16(0),
     torch.bfloat16: np.uint16(0),
-}
-COMPUTE = {
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
 }
 
 _local = threading.local()
@@ -174,9 +169,8 @@ def per_channel(t: Tensor | None, dtype: torch.dtype, fill: float, channels: int
 
 
 def in_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
-    """``y`` itself when of ``dtype``, else a converted copy (from the pool: a large fresh
-    tensor would fault in every page)."""
-    return y if y.dtype is dtype else pool.empty_like(y, dtype).copy_(y)
+    """``y`` itself when of ``dtype``, else a converted copy."""
+    return y if y.dtype is dtype else y.to(dtype)
 
 
 def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, int, int] | None:
@@ -205,7 +199,7 @@ def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, 
 
 def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None):
     """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
-    to the addresses given, each ``C`` values of the compute dtype (COMPUTE: float32 for half).
+    to the addresses given, each ``C`` values of the compute dtype (float32 for half).
 
     With ``running`` (as in running_addresses) whose buffers running_addresses takes, the
     kernel call also makes the running update. Returns (y, updated): ``updated`` is None
@@ -215,7 +209,7 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
-    dtype = COMPUTE[x.dtype]
+    dtype = compute_dtype(x.dtype)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
@@ -233,7 +227,7 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
     y = pool.empty_like(x)
-    dtype = COMPUTE[x.dtype]
+    dtype = compute_dtype(x.dtype)
     rm, rv = per_channel(running_mean, dtype, 0.0, C), per_channel(running_var, dtype, 1.0, C)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     kernel = cpu.forward_eval_rows_at if B == 1 else cpu.forward_eval_channels_at
@@ -251,7 +245,7 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     compute dtype."""
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
-    dtype = COMPUTE[x.dtype]
+    dtype = compute_dtype(x.dtype)
     dy = grad_output
     if dy.dtype is not x.dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike
         dy = pool.empty_like(x).copy_(dy)

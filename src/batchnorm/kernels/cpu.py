@@ -545,15 +545,15 @@ def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out,
 
 
 @njit(**_serial)
-def _eval_scale(running_mean, running_var, weight, eps, dtype_like):
-    """E[x] and scale = gamma/sqrt(Var[x] + eps) in the compute dtype, ``dtype_like``'s.
+def _eval_scale(running_mean, running_var, weight, eps):
+    """E[x] and scale = gamma/sqrt(Var[x] + eps) in the compute dtype, weight's.
 
     Inference is one affine map per channel; it is applied as (x - E[x]) * scale + beta
     rather than x * scale + (beta - E[x]*scale), which cancels when |E[x]| >> std.
     """
     C = running_mean.shape[0]
-    mean = np.empty(C, dtype_like.dtype)
-    scale = np.empty(C, dtype_like.dtype)
+    mean = np.empty_like(weight)
+    scale = np.empty_like(weight)
     for c in range(C):
         mean[c] = running_mean[c]
         scale[c] = weight[c] / math.sqrt(np.float64(running_var[c]) + eps)
@@ -585,13 +585,13 @@ def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
 
 @njit(**_serial)
 def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
-    mean, scale = _eval_scale(running_mean, running_var, weight, eps, weight)
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps)
     _centered_affine_channels(x, mean, scale, bias, y, threads, nontemporal)
 
 
 @njit(**_serial)
 def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
-    mean, scale = _eval_scale(running_mean, running_var, weight, eps, weight)
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps)
     _centered_affine_rows(x, mean, scale, bias, y, threads, nontemporal)
 
 
@@ -658,29 +658,26 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
 
 
 @njit(**_serial)
-def _backward_coefficients(first, second, shift, mean, invstd, weight, training, m, dweight, dbias, dtype_like):
-    """dbeta, dgamma and the per-channel coefficients of dx = dy * dy_scale + (x - shift) *
-    x_scale + const from per-chunk sums(dy) and sum(dy * (x - shift)), ``shift`` the mean
-    rounded to the compute dtype (the rounding is corrected here), that of ``dtype_like``."""
-    C = mean.shape[0]
-    dy_scale = np.empty(C, dtype_like.dtype)
-    x_scale = np.empty(C, dtype_like.dtype)
-    const = np.empty(C, dtype_like.dtype)
+def _backward_coefficients(first, second, invstd, weight, training, m, dweight, dbias):
+    """dbeta, dgamma and the per-channel coefficients of dx = dy * dy_scale + (x - mean) *
+    x_scale + const (in the compute dtype, invstd's) from per-chunk sums(dy) and
+    sum(dy * (x - mean))."""
+    C = invstd.shape[0]
+    dy_scale = np.empty_like(invstd)
+    x_scale = np.empty_like(invstd)
+    const = np.empty_like(invstd)
     for c in range(C):
         total = first[:, c].sum()
         inv = np.float64(invstd[c])
-        # sum dy * (x - mean) = sum dy * (x - shift) + (shift - mean) * sum dy
-        sum_dy_xhat = (second[:, c].sum() + (np.float64(shift[c]) - np.float64(mean[c])) * total) * inv
+        sum_dy_xhat = second[:, c].sum() * inv
         dbias[c] = total
         dweight[c] = sum_dy_xhat
         gain = np.float64(weight[c]) * inv
         dy_scale[c] = gain
         if training:
             k = gain / m
-            a_x = -k * inv * sum_dy_xhat
-            x_scale[c] = a_x
-            # (x - mean) * a_x = (x - shift) * a_x + (shift - mean) * a_x
-            const[c] = -k * total + (np.float64(shift[c]) - np.float64(mean[c])) * a_x
+            x_scale[c] = -k * inv * sum_dy_xhat
+            const[c] = -k * total
         else:
             x_scale[c] = 0.0
             const[c] = 0.0
@@ -688,40 +685,25 @@ def _backward_coefficients(first, second, shift, mean, invstd, weight, training,
 
 
 @njit(**_serial)
-def _shift_of(mean, dtype_like):
-    """The mean rounded to the compute dtype (``dtype_like``'s), the shift of the backward sums."""
-    shift = np.empty(mean.shape[0], dtype_like.dtype)
-    for c in range(mean.shape[0]):
-        shift[c] = mean[c]
-    return shift
-
-
-@njit(**_serial)
 def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
     """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
     A, C = x.shape
-    shift = _shift_of(mean, invstd)
-    first, second = _channel_sums_rows(x, shift, dy, threads)
-    dy_scale, x_scale, const = _backward_coefficients(
-        first, second, shift, mean, invstd, weight, training, A, dweight, dbias, invstd
-    )
+    first, second = _channel_sums_rows(x, mean, dy, threads)
+    dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A, dweight, dbias)
     if dx.shape[0] == 0:
         return
-    _two_term_rows(dy, x, shift, dy_scale, x_scale, const, dx, threads, nontemporal)
+    _two_term_rows(dy, x, mean, dy_scale, x_scale, const, dx, threads, nontemporal)
 
 
 @njit(**_serial)
 def backward_stream(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
     """Gradients on (A, C, B) data in two passes in memory order; formulas of backward_channels."""
     A, C, B = x.shape
-    shift = _shift_of(mean, invstd)
-    first, second = _channel_sums_stream(x, shift, dy, threads)
-    dy_scale, x_scale, const = _backward_coefficients(
-        first, second, shift, mean, invstd, weight, training, A * B, dweight, dbias, invstd
-    )
+    first, second = _channel_sums_stream(x, mean, dy, threads)
+    dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A * B, dweight, dbias)
     if dx.shape[0] == 0:
         return
-    _two_term_channels(dy, x, shift, dy_scale, x_scale, const, dx, threads, nontemporal)
+    _two_term_channels(dy, x, mean, dy_scale, x_scale, const, dx, threads, nontemporal)
 
 
 @njit(**_parallel)
