@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from batchnorm import bench, cli
+from batchnorm.buffers import pool
 
 
 def test_bench_prints_a_filled_table(capsys, tmp_path):
@@ -129,6 +131,7 @@ def test_bench_floor_column_and_lines():
     rows = bench.measure([(2, 3, 4, 4)], repeat=2, with_compile=False)
     for row in rows:
         assert (bench.FLOOR in row.times) == (row.operation == "forward+backward"), row
+        assert (bench.LAYER_FLOOR in row.times) == (row.operation == "forward+backward"), row
         assert all(t > 0 for t in row.times.values())
     made_up = bench.Row(
         (2, 3, 4, 4), "NCHW", "forward+backward",
@@ -140,3 +143,23 @@ def test_bench_floor_column_and_lines():
         "- 2x3x4x4 NCHW: floor 1.000 ms, ours 2.000 ms (2.00x the floor); 3x torch's same layout needs "
         "2.000 ms (2.00x the floor), 1.3x its faster layout 2.308 ms (2.31x the floor)"
     ) in text
+    made_up.times[bench.LAYER_FLOOR] = 1.25e-3
+    text = bench.report([made_up], 1e10, 1 << 20, None)
+    assert "| 2x3x4x4 | NCHW | forward+backward | 2.000 | 6.000 | 3.000 | 1.000 | 1.250 | 3.00x | 1.50x |" in text
+    assert (
+        "- 2x3x4x4 NCHW: floor 1.000 ms, layer floor 1.250 ms (1.25x the floor), ours 2.000 ms (2.00x the "
+        "floor); 3x torch's same layout needs 2.000 ms (2.00x the floor)"
+    ) in text
+
+
+def test_bench_layer_floor_runs_the_five_passes():
+    """The layer floor's step computes what the five passes compute: y = x, and x.grad = dy + x
+    as autograd hands it over (the pooled dx itself, not a copy of it)."""
+    x = torch.randn(2, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 2 MB: pooled
+    leaf = x.clone().requires_grad_(True)
+    y = bench._FivePassesLayer()(leaf)
+    assert torch.equal(y, x) and y.stride() == x.stride()
+    dy = torch.randn_like(x)
+    y.backward(dy)
+    assert torch.equal(leaf.grad, dy + x) and leaf.grad.stride() == x.stride()
+    assert leaf.grad.data_ptr() in {array.ctypes.data for array in pool._arrays}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numba
 import torch
 
+from .buffers import pool
 from .launch import last_level_cache_bytes
 from .layers import BatchNorm1d, BatchNorm2d
 
@@ -103,6 +104,37 @@ def _five_passes(x: torch.Tensor) -> Callable[[], object]:
     return passes
 
 
+LAYER_FLOOR = "layer floor"
+
+
+class _FivePasses(torch.autograd.Function):
+    """The five passes as a layer with its own kernels has to run them: y = x in the forward
+    of an autograd.Function, dx = dy + x in its backward, outputs from the buffer pool (so
+    that autograd takes dx as the gradient, as it takes the layer's, without a copy)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return pool.empty_like(x).copy_(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return torch.add(dy, x, out=pool.empty_like(x))
+
+
+class _FivePassesLayer(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FivePasses.apply(x)
+
+
+def _five_passes_in_layer(x: torch.Tensor) -> Callable[[], object]:
+    """The floor of any layer written in Python around its own kernels: the five passes, plus
+    the module call, the autograd.Function and autograd's backward machinery, timed the way the
+    layers are (forward+backward from a leaf, its gradient then dropped)."""
+    return _operation(_FivePassesLayer(), x, "forward+backward")
+
+
 def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
     """For each row, every eager implementation is called in turn, ``repeat`` rounds or more, so
     that the machine's drift during the run hits all of them alike; the median over rounds.
@@ -124,6 +156,7 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
                     calls["torch"] = _operation(theirs, x, operation)
                 if rank == 4 and operation == "forward+backward":
                     calls[FLOOR] = _five_passes(x)  # in the same rounds: the same cache pressure
+                    calls[LAYER_FLOOR] = _five_passes_in_layer(x)
                 times = _alternating(calls, repeat, per_round=1)
                 if with_compile:
                     # rounds of its own: an eager call right after a compiled one ran slower
@@ -294,17 +327,21 @@ def report(
         lines.append("")
         lines.append(
             f"forward+backward against its memory floor ({FLOOR}: torch's copy y = x and add dx = dy + x, "
-            "five tensor passes, timed in the same rounds), and the times the targets ask for:"
+            f"five tensor passes, timed in the same rounds; {LAYER_FLOOR}: the same five passes in a module "
+            "with an autograd.Function, what any layer written in Python around its own kernels pays), "
+            "and the times the targets ask for:"
         )
     for row in floors:
         same = row.times["torch NCHW" if row.layout == "NCHW" else "torch channels_last"]
         best = min(row.times["torch NCHW"], row.times["torch channels_last"])
         floor, ours = row.times[FLOOR], row.times["batchnorm"]
+        layer = row.times.get(LAYER_FLOOR)
         lines.append(
-            f"- {'x'.join(map(str, row.shape))} {row.layout}: floor {_ms(floor)} ms, ours {_ms(ours)} ms "
-            f"({ours / floor:.2f}x the floor); 3x torch's same layout needs {_ms(same / 3)} ms "
-            f"({same / 3 / floor:.2f}x the floor), 1.3x its faster layout {_ms(best / 1.3)} ms "
-            f"({best / 1.3 / floor:.2f}x the floor)"
+            f"- {'x'.join(map(str, row.shape))} {row.layout}: floor {_ms(floor)} ms"
+            + ("" if layer is None else f", layer floor {_ms(layer)} ms ({layer / floor:.2f}x the floor)")
+            + f", ours {_ms(ours)} ms ({ours / floor:.2f}x the floor); 3x torch's same layout needs "
+            f"{_ms(same / 3)} ms ({same / 3 / floor:.2f}x the floor), 1.3x its faster layout "
+            f"{_ms(best / 1.3)} ms ({best / 1.3 / floor:.2f}x the floor)"
         )
     if half:
         lines += ["", "Half-precision data (NCHW) through float32 layers, as under autocast, medians:", ""]
