@@ -249,34 +249,6 @@ def test_bias_false_as_torch():
     torch.testing.assert_close(ours(x), theirs(x))
 
 
-@pytest.mark.parametrize("block", [1, 2, 3, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_channel_blocks_match_torch(block, dtype, monkeypatch):
-    """The channel-major kernels with 1, 2, 3 (the last block shorter) and all 5 channels
-    per task: outputs, gradients and running statistics as torch's."""
-    monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
-    taken = []
-    choose = launch.channel_block
-    monkeypatch.setattr(launch, "channel_block", lambda *args: taken.append(block) or block)
-    ours, theirs = twins(3, dtype)
-    x = torch.randn(6, 5, 10, dtype=dtype) * 3 + 2
-    grad = torch.randn(6, 5, 10, dtype=dtype)
-    assert_same(ours, theirs, x, grad, tolerance(dtype))
-    assert taken and set(taken) == {block}
-    assert choose(6, 5, 10, 4, 1) == 5  # tiny channels: all in one block with one thread
-    assert choose(6, 5, 10, 4, 2) == 3  # no fewer tasks than threads
-
-
-def test_channel_block_sizes(monkeypatch):
-    """As many channels as fit launch.CHANNEL_BLOCK_BYTES, at least one, tasks >= threads."""
-    monkeypatch.setattr(launch, "CHANNEL_BLOCK_BYTES", 256 * 1024)
-    assert launch.channel_block(32, 256, 196, 4, 2) == 10  # 25088-byte channels
-    assert launch.channel_block(256, 512, 49, 4, 2) == 5
-    assert launch.channel_block(64, 64, 56 * 56, 4, 2) == 1  # a channel larger than a block
-    assert launch.channel_block(32, 4, 196, 4, 2) == 2
-    assert launch.channel_block(32, 3, 196, 2, 16) == 1
-
-
 def test_which_kernels_take_nchw_data(monkeypatch):
     """Memory order for rows shorter than cpu.PREFETCH_ROW_BYTES in a tensor of at most
     launch.STREAM_MAX_BYTES, channel-major otherwise."""

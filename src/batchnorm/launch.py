@@ -106,25 +106,6 @@ def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
     return B * itemsize < cpu.PREFETCH_ROW_BYTES and A * C * B * itemsize <= STREAM_MAX_BYTES
 
 
-# The channel-major kernels give each task a block of channels (cpu.forward_train_channels)
-# of at most CHANNEL_BLOCK_BYTES of data, so that the block is still in the core's L2 cache
-# (1 MiB on the development machine) when the second pass reads it again; a channel larger
-# than that is a block of its own. Short rows gain most: a block's rows lie next to each
-# other in memory, one run the hardware prefetcher follows. Measured there against one
-# channel per task (module against module, 40 alternating rounds, float32 NCHW):
-# 256x512x7x7 forward-train 1.23x and forward+backward 1.20x faster; 128x256x14x14 and
-# 64x128x28x28 even. The NCHW tensors that fit the stream kernels' limit time about the
-# same either way (32x256x14x14, 64x128x7x7, 128x64x16x16, 64x512x7x7, within the noise).
-CHANNEL_BLOCK_BYTES = 256 * 1024
-
-
-def channel_block(A: int, C: int, B: int, itemsize: int, threads: int) -> int:
-    """Channels per task of the channel-major kernels: as many as fit CHANNEL_BLOCK_BYTES,
-    but no fewer tasks than threads."""
-    block = max(1, CHANNEL_BLOCK_BYTES // (A * B * itemsize))
-    return min(block, -(-C // threads))
-
-
 def _family(A: int, C: int, B: int, itemsize: int) -> str:
     """Which kernels take (A, C, B) data: "rows" (B == 1), "stream" or "channels"."""
     if B == 1:
@@ -233,10 +214,9 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
-    family = _family(A, C, B, x.element_size())
-    split = channel_block(A, C, B, x.element_size(), threads) if family == "channels" else threads
-    updated = _TRAIN[family](
-        x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), split,
+    kernel = _TRAIN[_family(A, C, B, x.element_size())]
+    updated = kernel(
+        x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
         _past_caches(2, y, C, B), ZERO[dtype], STORED[x.dtype], running_mean, running_var, counter, momentum,
     )  # fmt: skip
     return y, (updated if buffers else None)
@@ -272,11 +252,10 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
     w = per_channel(weight, dtype, 1.0, C)
-    family = _family(A, C, B, x.element_size())
-    split = channel_block(A, C, B, x.element_size(), threads) if family == "channels" else threads
-    _BACKWARD[family](
+    kernel = _BACKWARD[_family(A, C, B, x.element_size())]
+    kernel(
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
-        0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, split,
+        0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads,
         dx is not None and _past_caches(3, dx, C, B), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
     return (input.new_empty(0) if dx is None else dx), dweight, dbias

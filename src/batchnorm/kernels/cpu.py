@@ -6,9 +6,9 @@ memory order), ``C`` the channels, ``B`` the product of the dimensions inside it
 A contiguous NCHW tensor is ``(N, C, H*W)``; a channels_last tensor is
 ``(N*H*W, C, 1)``, which the ``_rows`` kernels take as a 2-D ``(A, C)`` array
 and split into ``threads`` chunks of rows. Data with B > 1 goes to the ``_channels``
-kernels (a block of channels per task, normalized while it is in cache) or, with short
-rows in a tensor that fits in the last-level cache, to the ``_stream`` kernels (two
-passes in memory order); launch.py chooses. No layout is copied to suit a kernel, and no dtype:
+kernels (one channel per task, normalized while it is in cache) or, with short rows in
+a tensor that fits in the last-level cache, to the ``_stream`` kernels (two passes in
+memory order); launch.py chooses. No layout is copied to suit a kernel, and no dtype:
 float16 and bfloat16 data is read and written as it is and computed in float32 (see
 "half precision"). The map passes store their output past the caches when the call's
 tensors fill the last-level cache (see "non-temporal stores").
@@ -344,61 +344,45 @@ def _two_term_row_nt(dy, x, dx, a, c, dy_scale, center, x_scale, const):
 
 
 @njit(**_parallel)
-def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_out, block, nontemporal):
-    """Algorithm 1 on (A, C, B) data, ``block`` channels per task.
+def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_out, nontemporal):
+    """Algorithm 1 on (A, C, B) data, one channel per task.
 
-    A task reduces its channels and then normalizes them while their values are still
-    in cache: mu = mean(x), var = mean((x - mu)^2), y = (x - mu) * gamma/sqrt(var + eps) + beta.
-    Both passes walk the block in memory order: for each a, the block's rows x[a, c, :]
-    lie next to each other, so a block of short rows is read as one run of
-    block * B values, which the hardware prefetcher follows.
+    Each channel is reduced and then normalized while its values are still in
+    cache: mu = mean(x), var = mean((x - mu)^2), y = (x - mu) * gamma/sqrt(var + eps) + beta.
     """
     A, C, B = x.shape
     m = A * B
     scale = np.empty_like(mean_out)
     base, row_bytes = x.ctypes.data, _prefetch_bytes(x)
-    for task in prange((C + block - 1) // block):
-        first = task * block
-        last = min(C, first + block)
+    for c in prange(C):
         for a in range(min(PREFETCH_ROWS, A)):
-            for c in range(first, last):
-                _prefetch_row(base, a * C + c, row_bytes)
-        shift = np.empty(last - first)
-        total = np.zeros(last - first)
-        total_sq = np.zeros(last - first)
-        for c in range(first, last):
-            shift[c - first] = _up(x[0, c, 0])
+            _prefetch_row(base, a * C + c, row_bytes)
+        shift = np.float64(_up(x[0, c, 0]))
+        total = 0.0
+        total_sq = 0.0
         for a in range(A):
-            for c in range(first, last):
-                if a + PREFETCH_ROWS < A:
-                    _prefetch_row(base, (a + PREFETCH_ROWS) * C + c, row_bytes)
-                k = shift[c - first]
-                f = 0.0
-                s = 0.0
-                for b in range(B):
-                    d = np.float64(_up(x[a, c, b])) - k
-                    f += d
-                    s += d * d
-                total[c - first] += f
-                total_sq[c - first] += s
-        for c in range(first, last):
-            mean, var, invstd = _finish_stats(shift[c - first], total[c - first], total_sq[c - first], m, eps)
-            mean_out[c] = mean
-            var_out[c] = var
-            invstd_out[c] = invstd
-            scale[c] = weight[c] * invstd
-        for a in range(A):
-            for c in range(first, last):
-                mu = mean_out[c]
-                s = scale[c]
-                beta = bias[c]
-                if nontemporal:
-                    _affine_row_nt(x, y, a, c, mu, s, beta)
-                else:
-                    for b in range(B):
-                        y[a, c, b] = _down((_up(x[a, c, b]) - mu) * s + beta, y)
+            if a + PREFETCH_ROWS < A:
+                _prefetch_row(base, (a + PREFETCH_ROWS) * C + c, row_bytes)
+            for b in range(B):
+                d = np.float64(_up(x[a, c, b])) - shift
+                total += d
+                total_sq += d * d
+        mean, var, invstd = _finish_stats(shift, total, total_sq, m, eps)
+        mean_out[c] = mean
+        var_out[c] = var
+        invstd_out[c] = invstd
+        scale[c] = weight[c] * invstd
+        mu = mean_out[c]
+        s = scale[c]
+        beta = bias[c]
         if nontemporal:
+            for a in range(A):
+                _affine_row_nt(x, y, a, c, mu, s, beta)
             _store_fence()
+        else:
+            for a in range(A):
+                for b in range(B):
+                    y[a, c, b] = _down((_up(x[a, c, b]) - mu) * s + beta, y)
 
 
 # rows summed in the data's dtype before each float64 carry (see _channel_sums_rows)
@@ -615,9 +599,8 @@ def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, thread
 
 
 @njit(**_parallel)
-def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias, block, nontemporal):
-    """Gradients on (A, C, B) data, ``block`` channels per task, walked as in
-    forward_train_channels.
+def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias, nontemporal):
+    """Gradients on (A, C, B) data, one channel per task.
 
     sum_dy = sum dy, sum_dy_xhat = sum dy * xhat (these are dbeta and dgamma), then
     training:  dx = gamma*invstd/m * (m*dy - sum_dy - xhat*sum_dy_xhat)
@@ -627,61 +610,51 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
     A, C, B = x.shape
     m = A * B
     x_base, dy_base, row_bytes = x.ctypes.data, dy.ctypes.data, _prefetch_bytes(x)
-    # coefficients rounded once to the compute dtype, so the loops below vectorize in it
-    dy_scale = np.empty_like(invstd)
-    x_scale = np.empty_like(invstd)
-    const = np.empty_like(invstd)
-    for task in prange((C + block - 1) // block):
-        first = task * block
-        last = min(C, first + block)
+    for c in prange(C):
         for a in range(min(PREFETCH_ROWS, A)):
-            for c in range(first, last):
-                _prefetch_row(x_base, a * C + c, row_bytes)
-                _prefetch_row(dy_base, a * C + c, row_bytes)
-        total = np.zeros(last - first)
-        total_x = np.zeros(last - first)
+            _prefetch_row(x_base, a * C + c, row_bytes)
+            _prefetch_row(dy_base, a * C + c, row_bytes)
+        mu = np.float64(mean[c])
+        total = 0.0
+        total_x = 0.0
         for a in range(A):
-            for c in range(first, last):
-                if a + PREFETCH_ROWS < A:
-                    _prefetch_row(x_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
-                    _prefetch_row(dy_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
-                mu = np.float64(mean[c])
-                f = 0.0
-                s = 0.0
-                for b in range(B):
-                    g = np.float64(_up(dy[a, c, b]))
-                    f += g
-                    s += g * (np.float64(_up(x[a, c, b])) - mu)
-                total[c - first] += f
-                total_x[c - first] += s
-        for c in range(first, last):
-            inv = np.float64(invstd[c])
-            sum_dy_xhat = total_x[c - first] * inv
-            dbias[c] = total[c - first]
-            dweight[c] = sum_dy_xhat
-            gain = np.float64(weight[c]) * inv
-            dy_scale[c] = gain
-            x_scale[c] = -gain / m * inv * sum_dy_xhat
-            const[c] = -gain / m * total[c - first]
+            if a + PREFETCH_ROWS < A:
+                _prefetch_row(x_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
+                _prefetch_row(dy_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
+            for b in range(B):
+                g = np.float64(_up(dy[a, c, b]))
+                total += g
+                total_x += g * (np.float64(_up(x[a, c, b])) - mu)
+        inv = np.float64(invstd[c])
+        sum_dy_xhat = total_x * inv
+        dbias[c] = total
+        dweight[c] = sum_dy_xhat
         if dx.shape[0] == 0:
             continue
-        for a in range(A):
-            for c in range(first, last):
-                p = dy_scale[c]
-                if training:
-                    k = mean[c]
-                    q = x_scale[c]
-                    o = const[c]
-                    if nontemporal:
-                        _two_term_row_nt(dy, x, dx, a, c, p, k, q, o)
-                    else:
-                        for b in range(B):
-                            dx[a, c, b] = _down(_up(dy[a, c, b]) * p + ((_up(x[a, c, b]) - k) * q + o), dx)
-                else:
+        gain = np.float64(weight[c]) * inv
+        # coefficients rounded once to the compute dtype, so the loops below vectorize in it
+        coef = np.empty(4, invstd.dtype)
+        coef[0] = gain
+        coef[1] = -gain / m * inv * sum_dy_xhat
+        coef[2] = -gain / m * total
+        coef[3] = mu
+        a_dy = coef[0]
+        if training:
+            mu_x = coef[3]
+            a_x = coef[1]
+            const = coef[2]
+            if nontemporal:
+                for a in range(A):
+                    _two_term_row_nt(dy, x, dx, a, c, a_dy, mu_x, a_x, const)
+                _store_fence()
+            else:
+                for a in range(A):
                     for b in range(B):
-                        dx[a, c, b] = _down(_up(dy[a, c, b]) * p, dx)
-        if nontemporal and training:
-            _store_fence()
+                        dx[a, c, b] = _down(_up(dy[a, c, b]) * a_dy + ((_up(x[a, c, b]) - mu_x) * a_x + const), dx)
+        else:
+            for a in range(A):
+                for b in range(B):
+                    dx[a, c, b] = _down(_up(dy[a, c, b]) * a_dy, dx)
 
 
 @njit(**_serial)
@@ -939,10 +912,9 @@ def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
 # launch.py calls these: a numpy view of a tensor costs 1.5 to 5 us to make, an
 # address a fraction of one. Data is (A, C, B) as above; the ``_rows_at`` kernels
 # take B == 1 data as (A, C), the ``_channels_at`` and ``_stream_at`` kernels the rest
-# (the channel-major ones take ``block``, channels per task, where the others take
-# ``threads``; launch.channel_block chooses it). The data (x, y, dy, dx) holds values
-# of ``stored``'s type (half precision as its bits, see above), the per-channel tensors
-# C values of the compute dtype, ``zero``'s. Separate functions rather than one with a
+# (the channel-major ones ignore ``threads``; prange splits channels). The data (x, y,
+# dy, dx) holds values of ``stored``'s type (half precision as its bits, see above),
+# the per-channel tensors C values of the compute dtype, ``zero``'s. Separate functions rather than one with a
 # branch, so that a first call compiles only the kernels its layout uses.
 
 
@@ -963,7 +935,7 @@ def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum,
 
 @njit(**_serial)
 def forward_train_channels_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, block, nontemporal, zero, stored,
+    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
     running_mean, running_var, counter, momentum,
 ):  # fmt: skip
     """forward_train_channels; the statistics go to mean, invstd and var, then the
@@ -972,7 +944,7 @@ def forward_train_channels_at(
     not finite)."""
     forward_train_channels(
         _at(x, (A, C, B), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), stored),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), block, nontemporal,
+        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), nontemporal,
     )  # fmt: skip
     return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
 
@@ -1025,13 +997,13 @@ def forward_eval_rows_at(
 
 @njit(**_serial)
 def backward_channels_at(
-    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, block, nontemporal, zero, stored
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
 ):
     """backward_channels; no dx when its address is 0 (an empty array stands in)."""
     dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), stored)
     backward_channels(
         _at(dy, (A, C, B), stored), _at(x, (A, C, B), stored), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), block, nontemporal,
+        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), nontemporal,
     )  # fmt: skip
 
 
