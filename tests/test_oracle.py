@@ -205,18 +205,26 @@ def test_running_update_in_the_kernel_call_or_apart(buffers, layout):
         assert torch.equal(value, state[key]), key
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_float32_statistics_and_gradients_to_1e_5(layout):
-    """float32 data with an offset: the channels_last kernels sum blocks of rows in float32
-    with float64 carries; statistics and weight gradients stay within 1e-5 of float64."""
-    x = (torch.randn(32, 8, 24, 24, dtype=torch.float64) * 2 + 300).float().contiguous(memory_format=layout)
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((32, 8, 24, 24), torch.contiguous_format),
+        ((32, 8, 24, 24), torch.channels_last),
+        ((4, 3, 50, 52), torch.contiguous_format),  # rows of 2600: spans of 1024, 1024 and 552
+    ],
+)
+def test_float32_statistics_and_gradients_to_1e_5(shape, layout, kernel_order):
+    """float32 data with an offset: the kernels sum runs of values in float32 (blocks of
+    rows channels_last, spans of rows otherwise) with float64 carries; statistics and
+    weight gradients stay within 1e-5 of float64."""
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 300).float().contiguous(memory_format=layout)
     dy = torch.randn(x.shape, dtype=torch.float64).float().contiguous(memory_format=layout)
     y, mean, _invstd, var = batchnorm.ops.forward_train(x, None, None, 1e-5, 1)
     y_ref, mu_ref, var_ref = oracle.train_forward(x, None, None)
     torch.testing.assert_close(mean.double(), mu_ref, rtol=1e-7, atol=0)
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=1e-4)
-    weight = torch.rand(8) + 0.5
+    weight = torch.rand(shape[1]) + 0.5
     dx, dweight, dbias = batchnorm.ops.backward(dy, x, mean, _invstd, weight, True, 1, True)
     dx_ref, dweight_ref, dbias_ref = oracle.train_backward(dy, x, weight)
     torch.testing.assert_close(dbias.double(), dbias_ref, rtol=1e-5, atol=1e-3)
