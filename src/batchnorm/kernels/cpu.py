@@ -358,7 +358,7 @@ def _span_sums(x, other, a, c, start, stop, shift):
     """Sums in the compute dtype over values start to stop of row (a, c) of (A, C, B)
     data: without ``other``, sum(x - shift) and sum((x - shift)^2); with it, sum(other)
     and sum(other * (x - shift)). ``shift`` has the compute dtype."""
-    f = shift - shift
+    f = shift - shift  # zero, of the compute dtype (a float64 0.0 would widen every term)
     s = shift - shift
     if other is None:
         for b in range(start, stop):
