@@ -1,10 +1,13 @@
-"""Property-based comparison with torch over random shapes, layouts, scales and settings."""
+"""Property-based tests: against torch over random shapes, layouts, scales and settings, and
+against the float64 oracle over random arrangements of memory, channel axes and dtypes."""
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batchnorm
+
+import oracle
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -46,3 +49,123 @@ def test_random_configurations_match_torch(
         torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-9, atol=1e-9 * abs(offset) + 1e-12)
         torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-7, atol=1e-12)
         assert ours.num_batches_tracked == theirs.num_batches_tracked
+
+
+# what each data dtype's results may differ from the float64 oracle by: float32 and
+# half-precision data are computed in float32, and half outputs are then rounded to
+# nearest once, half a unit in the last place (2^-11 of the value for float16, 2^-8 for
+# bfloat16; here with a quarter more for the float32 arithmetic before the rounding)
+ORACLE_TOLERANCE = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=2e-5),
+    torch.float16: dict(rtol=1.25 * 2**-11, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.25 * 2**-8, atol=1e-3),
+}
+
+
+def _arranged(x: torch.Tensor, memory: str, order: list[int], expanded: int) -> torch.Tensor:
+    """x with its values in another arrangement of memory: dense in the permuted order of
+    the dimensions, with gaps (every other value of the last dimension), or with dimension
+    ``expanded`` made from its first values (stride 0)."""
+    if memory == "permuted":
+        inverse = sorted(range(x.dim()), key=order.__getitem__)
+        return x.permute(order).contiguous().permute(inverse)
+    if memory == "sliced":
+        return torch.stack([x, torch.full_like(x, float("nan"))], -1).flatten(-2)[..., ::2]
+    return x.narrow(expanded, 0, 1).expand(x.shape)
+
+
+def expand_channels(t: torch.Tensor, rank: int, channel: int) -> torch.Tensor:
+    return t.detach().double().view([-1 if d == channel else 1 for d in range(rank)])
+
+
+def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, sizes: torch.Tensor, tolerance: dict) -> None:
+    """Per-channel sums within ``rtol`` of the sum of their terms' absolute values."""
+    error = (actual.double() - expected).abs()
+    assert (error <= tolerance["rtol"] * sizes + tolerance["atol"]).all(), (error, sizes)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(1, 8), min_size=5, max_size=5),
+    rank=st.integers(2, 5),
+    axis_choice=st.integers(0, 9),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    memory=st.sampled_from(["permuted", "sliced", "expanded"]),
+    order_seed=st.integers(0, 2**16),
+    offset=st.sampled_from([0.0, 3.0, -50.0]),
+    channel_major=st.booleans(),
+    pooled=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
+    sizes, rank, axis_choice, dtype, memory, order_seed, offset, channel_major, pooled, seed
+):
+    """The kernels (every size goes to them here, see conftest.py) on data in any order of
+    memory, with gaps or expanded, on any channel axis, in each dtype, against the algorithm
+    written plainly in float64 on the same values: training output, the three gradients, the
+    running update, and evaluation with the updated statistics. ``channel_major`` sends NCHW-like
+    data to the channel-major kernels instead of those in memory order; ``pooled`` takes the
+    outputs from the buffer pool, with stores past the caches where rows are whole cache lines."""
+    torch.manual_seed(seed)
+    axis = axis_choice % rank - (rank if axis_choice >= rank else 0)  # negative ones too
+    channel = axis % rank
+    shape = sizes[:rank]
+    many = 1 if channel == 0 else 0
+    shape[many] += 2  # at least three values per channel (with two, dx cancels to about eps)
+    expanded = max(d for d in range(rank) if d not in (channel, many)) if rank > 2 else None
+    if memory == "expanded" and expanded is None:
+        memory = "sliced"  # no dimension left to expand without making a channel constant
+    elif memory == "expanded":
+        shape[expanded] += 1
+    order = torch.randperm(rank, generator=torch.Generator().manual_seed(order_seed)).tolist()
+    stat = torch.float64 if dtype is torch.float64 else torch.float32  # parameters and buffers, as under autocast
+    channels = shape[axis]
+
+    base = (torch.randn(shape, dtype=torch.float64) + offset).to(dtype).requires_grad_(True)
+    x = _arranged(base, memory, order, expanded)
+    x.retain_grad()
+    weight = (torch.rand(channels, dtype=stat) + 0.5).requires_grad_(True)
+    bias = torch.randn(channels, dtype=stat).requires_grad_(True)
+    running_mean, running_var = torch.randn(channels, dtype=stat), torch.rand(channels, dtype=stat) + 0.5
+    rm0, rv0 = running_mean.clone(), running_var.clone()
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+
+    launch, pool = batchnorm.launch, batchnorm.buffers.pool
+    limits = launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes
+    try:
+        if channel_major:
+            launch.STREAM_MAX_BYTES = 0
+        if pooled:
+            launch.NONTEMPORAL_MIN_BYTES = pool.min_bytes = 0
+        y = batchnorm.functional.batch_norm(
+            x, running_mean, running_var, weight, bias, training=True, momentum=0.3, axis=axis
+        )
+        y.backward(dy)
+        y_eval = batchnorm.functional.batch_norm(
+            x.detach(), running_mean, running_var, weight.detach(), bias.detach(), training=False, axis=axis
+        )
+    finally:
+        launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes = limits
+
+    values = x.detach()
+    y_ref, mu, var = oracle.train_forward(values, weight, bias, axis=axis)
+    dx_ref, dw_ref, db_ref = oracle.train_backward(dy, values, weight, axis=axis)
+    rm_ref, rv_ref = oracle.running_update(rm0, rv0, mu, var, values.numel() // channels, 0.3)
+    data, computed = ORACLE_TOLERANCE[dtype], ORACLE_TOLERANCE[stat]
+    # dx's own magnitude: gamma / sqrt(var + eps) times dy, large when a channel's values are close
+    dx_scale = float((weight.detach().double() / torch.sqrt(var + 1e-5)).max() * dy.double().abs().max())
+    assert y.dtype == dtype and x.grad.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), y_ref, **data)
+    torch.testing.assert_close(x.grad.double(), dx_ref, rtol=data["rtol"], atol=data["atol"] * max(1.0, dx_scale))
+    # the per-channel sums against the sums of their terms' sizes: float32 statistics (the
+    # mean rounded to float32 as torch stores it) shift every term of sum(dy * xhat) a little
+    others = [d for d in range(rank) if d != channel]
+    xhat = (y_ref - expand_channels(bias, rank, channel)) / expand_channels(weight, rank, channel)
+    dw_size = (dy.double() * xhat).abs().sum(others)
+    assert_sums_close(weight.grad, dw_ref, dw_size, computed)
+    assert_sums_close(bias.grad, db_ref, dy.double().abs().sum(others), computed)
+    torch.testing.assert_close(running_mean.double(), rm_ref, **computed)
+    torch.testing.assert_close(running_var.double(), rv_ref, **computed)
+    y_eval_ref = oracle.eval_forward(values, running_mean, running_var, weight, bias, axis=axis)
+    torch.testing.assert_close(y_eval.double(), y_eval_ref, **data)
