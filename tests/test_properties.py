@@ -94,17 +94,20 @@ def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, sizes: torch
     memory=st.sampled_from(["permuted", "sliced", "expanded"]),
     order_seed=st.integers(0, 2**16),
     offset=st.sampled_from([0.0, 3.0, -50.0]),
+    half_layer=st.booleans(),
     channel_major=st.booleans(),
     pooled=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
-    sizes, rank, axis_choice, dtype, memory, order_seed, offset, channel_major, pooled, seed
+    sizes, rank, axis_choice, dtype, memory, order_seed, offset, half_layer, channel_major, pooled, seed
 ):
     """The kernels (every size goes to them here, see conftest.py) on data in any order of
     memory, with gaps or expanded, on any channel axis, in each dtype, against the algorithm
     written plainly in float64 on the same values: training output, the three gradients, the
-    running update, and evaluation with the updated statistics. ``channel_major`` sends NCHW-like
+    running update, and evaluation with the updated statistics. Half-precision data meets
+    float32 parameters and buffers (as under autocast) or, with ``half_layer``, its own dtype
+    (a layer made with ``.half()``): computed in float32 either way. ``channel_major`` sends NCHW-like
     data to the channel-major kernels instead of those in memory order; ``pooled`` takes the
     outputs from the buffer pool, with stores past the caches where rows are whole cache lines."""
     torch.manual_seed(seed)
@@ -119,15 +122,16 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
     elif memory == "expanded":
         shape[expanded] += 1
     order = torch.randperm(rank, generator=torch.Generator().manual_seed(order_seed)).tolist()
-    stat = torch.float64 if dtype is torch.float64 else torch.float32  # parameters and buffers, as under autocast
+    stat = torch.float64 if dtype is torch.float64 else torch.float32  # the compute dtype
+    layer = dtype if half_layer else stat  # of the parameters and buffers
     channels = shape[axis]
 
     base = (torch.randn(shape, dtype=torch.float64) + offset).to(dtype).requires_grad_(True)
     x = _arranged(base, memory, order, expanded)
     x.retain_grad()
-    weight = (torch.rand(channels, dtype=stat) + 0.5).requires_grad_(True)
-    bias = torch.randn(channels, dtype=stat).requires_grad_(True)
-    running_mean, running_var = torch.randn(channels, dtype=stat), torch.rand(channels, dtype=stat) + 0.5
+    weight = (torch.rand(channels, dtype=stat) + 0.5).to(layer).requires_grad_(True)
+    bias = torch.randn(channels, dtype=stat).to(layer).requires_grad_(True)
+    running_mean, running_var = torch.randn(channels).to(layer), (torch.rand(channels) + 0.5).to(layer)
     rm0, rv0 = running_mean.clone(), running_var.clone()
     dy = torch.randn(shape, dtype=torch.float64).to(dtype)
 
@@ -152,10 +156,12 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
     y_ref, mu, var = oracle.train_forward(values, weight, bias, axis=axis)
     dx_ref, dw_ref, db_ref = oracle.train_backward(dy, values, weight, axis=axis)
     rm_ref, rv_ref = oracle.running_update(rm0, rv0, mu, var, values.numel() // channels, 0.3)
-    data, computed = ORACLE_TOLERANCE[dtype], ORACLE_TOLERANCE[stat]
+    # parameter gradients and buffers: float32 sums, rounded once more in a half-precision layer
+    data, computed = ORACLE_TOLERANCE[dtype], ORACLE_TOLERANCE[layer if half_layer else stat]
     # dx's own magnitude: gamma / sqrt(var + eps) times dy, large when a channel's values are close
     dx_scale = float((weight.detach().double() / torch.sqrt(var + 1e-5)).max() * dy.double().abs().max())
     assert y.dtype == dtype and x.grad.dtype == dtype and y.shape == x.shape
+    assert weight.grad.dtype == bias.grad.dtype == running_mean.dtype == running_var.dtype == layer
     torch.testing.assert_close(y.double(), y_ref, **data)
     torch.testing.assert_close(x.grad.double(), dx_ref, rtol=data["rtol"], atol=data["atol"] * max(1.0, dx_scale))
     # the per-channel sums against the sums of their terms' sizes: float32 statistics (the
