@@ -1,6 +1,8 @@
 """Property-based tests: against torch over random shapes, layouts, scales and settings, and
 against the float64 oracle over random arrangements of memory, channel axes and dtypes."""
 
+import contextlib
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,6 +77,13 @@ def _arranged(x: torch.Tensor, memory: str, order: list[int], expanded: int) -> 
     return x.narrow(expanded, 0, 1).expand(x.shape)
 
 
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    """A mode that changes nothing; under any mode the layer calls its custom ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def expand_channels(t: torch.Tensor, rank: int, channel: int) -> torch.Tensor:
     return t.detach().double().view([-1 if d == channel else 1 for d in range(rank)])
 
@@ -95,19 +104,21 @@ def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, sizes: torch
     order_seed=st.integers(0, 2**16),
     offset=st.sampled_from([0.0, 3.0, -50.0]),
     half_layer=st.booleans(),
+    through_ops=st.booleans(),
     channel_major=st.booleans(),
     pooled=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
-    sizes, rank, axis_choice, dtype, memory, order_seed, offset, half_layer, channel_major, pooled, seed
+    sizes, rank, axis_choice, dtype, memory, order_seed, offset, half_layer, through_ops, channel_major, pooled, seed
 ):
     """The kernels (every size goes to them here, see conftest.py) on data in any order of
     memory, with gaps or expanded, on any channel axis, in each dtype, against the algorithm
     written plainly in float64 on the same values: training output, the three gradients, the
     running update, and evaluation with the updated statistics. Half-precision data meets
     float32 parameters and buffers (as under autocast) or, with ``half_layer``, its own dtype
-    (a layer made with ``.half()``): computed in float32 either way. ``channel_major`` sends NCHW-like
+    (a layer made with ``.half()``): computed in float32 either way. ``through_ops`` calls the
+    custom ops (as under torch.compile or any mode) instead of the eager path. ``channel_major`` sends NCHW-like
     data to the channel-major kernels instead of those in memory order; ``pooled`` takes the
     outputs from the buffer pool, with stores past the caches where rows are whole cache lines."""
     torch.manual_seed(seed)
@@ -137,18 +148,21 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
 
     launch, pool = batchnorm.launch, batchnorm.buffers.pool
     limits = launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes
+    mode = _Passthrough() if through_ops else contextlib.nullcontext()
     try:
         if channel_major:
             launch.STREAM_MAX_BYTES = 0
         if pooled:
             launch.NONTEMPORAL_MIN_BYTES = pool.min_bytes = 0
-        y = batchnorm.functional.batch_norm(
-            x, running_mean, running_var, weight, bias, training=True, momentum=0.3, axis=axis
-        )
-        y.backward(dy)
-        y_eval = batchnorm.functional.batch_norm(
-            x.detach(), running_mean, running_var, weight.detach(), bias.detach(), training=False, axis=axis
-        )
+        with mode:
+            assert batchnorm.ops.eager(x) is not through_ops
+            y = batchnorm.functional.batch_norm(
+                x, running_mean, running_var, weight, bias, training=True, momentum=0.3, axis=axis
+            )
+            y.backward(dy)
+            y_eval = batchnorm.functional.batch_norm(
+                x.detach(), running_mean, running_var, weight.detach(), bias.detach(), training=False, axis=axis
+            )
     finally:
         launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes = limits
 
