@@ -54,15 +54,18 @@ def test_small_input_nan_batch_still_skipped():
     assert torch.equal(module.running_mean, torch.zeros(4)) and module.num_batches_tracked.item() == 0
 
 
-def test_small_input_float32_running_stats_match_torch():
-    """float32: the variance comes back from torch's 1/sqrt(var + eps) inside the update kernel."""
-    ours, theirs = batchnorm.BatchNorm1d(16), torch.nn.BatchNorm1d(16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_input_running_stats_match_torch(dtype):
+    """The variance comes back from torch's 1/sqrt(var + eps) inside the update kernel
+    (one entry point per dtype)."""
+    ours, theirs = batchnorm.BatchNorm1d(16, dtype=dtype), torch.nn.BatchNorm1d(16, dtype=dtype)
     for step in range(4):
-        x = torch.randn(128, 16, 40) * (step + 1) + step
+        x = (torch.randn(128, 16, 40) * (step + 1) + step).to(dtype)
         assert ops._small(x, 1)
         torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
-    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-6, atol=1e-7)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 4
 
 

@@ -144,16 +144,17 @@ def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, ep
     """
     dtype = mean.dtype
     channels = mean.numel()
-    buffers = launch.running_addresses(running, dtype, channels) if dtype in launch.ZERO else None
+    update = (_UPDATE_FROM_INVSTD if spread_is_invstd else _UPDATE_FROM_VAR).get(dtype)
+    buffers = None if update is None else launch.running_addresses(running, dtype, channels)
     if buffers is None:
         _update_with_torch(running, mean, spread, spread_is_invstd, eps)
         return
-    updated = cpu.update_running_stats_at(
-        *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, running[3], running[4],
-        launch.ZERO[dtype],
-    )  # fmt: skip
-    if not updated:
+    if not update(*buffers, mean.data_ptr(), spread.data_ptr(), channels, eps, running[3], running[4]):
         _warn_nonfinite(stacklevel=5)
+
+
+_UPDATE_FROM_INVSTD = {torch.float32: cpu.update_from_invstd_at_f32, torch.float64: cpu.update_from_invstd_at_f64}
+_UPDATE_FROM_VAR = {torch.float32: cpu.update_from_var_at_f32, torch.float64: cpu.update_from_var_at_f64}
 
 
 def _update_with_torch(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
