@@ -172,7 +172,9 @@ def test_nonfinite_batch_skips_update_with_warning():
     for bad in (float("nan"), float("inf")):
         x = torch.randn(4, 3, 2, 2)
         x[1, 2, 0, 1] = bad
-        with pytest.warns(RuntimeWarning, match=r"^batch norm: the training batch has NaN or infinite values, so"):
+        with pytest.warns(
+            RuntimeWarning, match=r"^batch norm: the training batch has NaN or infinite values, or a variance past"
+        ):
             y = module(x)
         assert torch.isfinite(y[:, :2]).all()  # the other channels are normalized as usual
     for key, value in module.state_dict().items():
@@ -199,7 +201,9 @@ def test_running_update_in_the_kernel_call_or_apart(buffers, layout):
     state = {k: v.clone() for k, v in ours.state_dict().items()}
     x = torch.randn(5, 6, 4, 3).contiguous(memory_format=layout)
     x[2, 4, 1, 1] = float("nan")
-    with pytest.warns(RuntimeWarning, match=r"^batch norm: the training batch has NaN or infinite values, so"):
+    with pytest.warns(
+        RuntimeWarning, match=r"^batch norm: the training batch has NaN or infinite values, or a variance past"
+    ):
         ours(x)
     for key, value in ours.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -230,3 +234,36 @@ def test_float32_statistics_and_gradients_to_1e_5(shape, layout, kernel_order):
     torch.testing.assert_close(dbias.double(), dbias_ref, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(dweight.double(), dweight_ref, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(dx.double(), dx_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((16, 3, 6, 6), torch.contiguous_format),
+        ((16, 3, 6, 6), torch.channels_last),  # blocks of rows
+        ((4, 3, 1100), torch.contiguous_format),  # rows of two spans
+        ((200, 3), torch.contiguous_format),
+    ],
+)
+def test_float32_sums_past_the_float32_range_are_redone_in_float64(shape, layout, kernel_order):
+    """Values of +-1e19 in float32: their squares overflow a float32 sum, the variance
+    (2.5e36) does not. The kernels then sum that span or block again in float64, and the
+    statistics, output, weight gradients and running update match the float64 oracle."""
+    x = torch.randn(shape)
+    x[0, 1], x[1, 1] = 1e19, -1e19
+    x = x.contiguous(memory_format=layout)
+    y, mean, invstd, var = batchnorm.ops.forward_train(x, None, None, 1e-5, 1)
+    y_ref, mu_ref, var_ref = oracle.train_forward(x, None, None)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=1e-5)
+    dy = torch.randn(shape).contiguous(memory_format=layout)
+    _dx, dweight, dbias = batchnorm.ops.backward(dy, x, mean, invstd, None, True, 1, True)
+    _dx_ref, dweight_ref, dbias_ref = oracle.train_backward(dy, x, None)
+    torch.testing.assert_close(dweight.double(), dweight_ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(dbias.double(), dbias_ref, rtol=1e-5, atol=1e-3)
+    module = batchnorm.BatchNorm(3, momentum=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finite batch: no warning, the update made
+        module(x)
+    m = x.numel() // 3
+    torch.testing.assert_close(module.running_var.double(), var_ref * m / (m - 1), rtol=1e-5, atol=0)

@@ -156,3 +156,18 @@ def test_update_outside_the_address_path():
     rm_ref, rv_ref = oracle.running_update(torch.zeros(3), torch.ones(3), mu, var, 32, 0.1)
     torch.testing.assert_close(rm, rm_ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(rv, rv_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_small_input_variance_past_float32_skips_the_update():
+    """torch's float32 kernel returns invstd 0 when its variance overflows (values of
+    +-1e19, ten of them): the update refuses the infinite variance, with the warning, instead of
+    dividing by zero; the output is torch's."""
+    module, theirs = batchnorm.BatchNorm1d(4), torch.nn.BatchNorm1d(4, track_running_stats=False)
+    x = torch.randn(8, 4, 5)
+    x[0, 1], x[1, 1] = 1e19, -1e19
+    assert ops._small(x, 1) and torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)[2][1] == 0
+    with pytest.warns(RuntimeWarning, match="^batch norm: the training batch has NaN"):
+        y = module(x)
+    torch.testing.assert_close(y, theirs(x))
+    assert torch.equal(module.running_mean, torch.zeros(4)) and torch.equal(module.running_var, torch.ones(4))
+    assert module.num_batches_tracked.item() == 0

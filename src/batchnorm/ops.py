@@ -30,8 +30,8 @@ from .kernels import cpu, reference
 Tensor = torch.Tensor
 
 NONFINITE_WARNING = (
-    "batch norm: the training batch has NaN or infinite values, so its statistics are "
-    "not finite; running_mean, running_var and num_batches_tracked were left unchanged "
+    "batch norm: the training batch has NaN or infinite values, or a variance past its dtype's range, "
+    "so its statistics are not finite; running_mean, running_var and num_batches_tracked were left unchanged "
     "(the output of this batch is computed with its batch statistics)"
 )
 

@@ -374,15 +374,27 @@ def _span_sums(x, other, a, c, start, stop, shift):
 
 
 @njit(inline="always", **_serial)
+def _span_sums_carried(x, other, a, c, start, stop, shift):
+    """_span_sums as float64. A span whose sums overflow the compute dtype (float32
+    squares overflow from |x - shift| near 2e19, where the variance itself still fits)
+    is summed again with float64 terms, so only data that is not finite gives sums
+    that are not."""
+    f, s = _span_sums(x, other, a, c, start, stop, shift)
+    if math.isfinite(f) and math.isfinite(s):
+        return np.float64(f), np.float64(s)
+    return _span_sums(x, other, a, c, start, stop, np.float64(shift))
+
+
+@njit(inline="always", **_serial)
 def _row_sums(x, other, a, c, shift):
     """The sums of _span_sums over row (a, c), span by span, carried in float64."""
     B = x.shape[2]
     total = 0.0
     total_second = 0.0
     for start in range(0, B, SPAN):
-        f, s = _span_sums(x, other, a, c, start, min(start + SPAN, B), shift)
-        total += np.float64(f)
-        total_second += np.float64(s)
+        f, s = _span_sums_carried(x, other, a, c, start, min(start + SPAN, B), shift)
+        total += f
+        total_second += s
     return total, total_second
 
 
@@ -477,6 +489,30 @@ def _channel_sums_rows(x, shift, other, threads):
                 s[c] += block_second[c]
                 block_first[c] = 0
                 block_second[c] = 0
+        for c in range(C):
+            if not (math.isfinite(f[c]) and math.isfinite(s[c])):
+                # a block overflowed the compute dtype (as in _span_sums_carried): the
+                # chunk's rows again with float64 terms; checked once a chunk, so that
+                # the carries above stay plain vector adds
+                f[c], s[c] = _column_sums(x, other, c, lo, hi, shift[c])
+    return first, second
+
+
+@njit(**_serial)
+def _column_sums(x, other, c, start, stop, shift):
+    """The sums of _channel_sums_rows over rows start to stop of column c, float64 terms."""
+    center = np.float64(shift)
+    first = 0.0
+    second = 0.0
+    for a in range(start, stop):
+        d = np.float64(_up(x[a, c])) - center
+        if other is None:
+            first += d
+            second += d * d
+        else:
+            g = np.float64(_up(other[a, c]))
+            first += g
+            second += g * d
     return first, second
 
 
@@ -560,9 +596,9 @@ def _channel_sums_stream(x, shift, other, threads):
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
             a = r // C
             c = r - a * C
-            f, s = _span_sums(x, other, a, c, 0, B, shift[c])
-            first[t, c] += np.float64(f)
-            second[t, c] += np.float64(s)
+            f, s = _span_sums_carried(x, other, a, c, 0, B, shift[c])
+            first[t, c] += f
+            second[t, c] += s
     return first, second
 
 
@@ -833,7 +869,8 @@ def update_running_stats_from_invstd(running_mean, running_var, num_batches_trac
     var = np.empty(C)
     for c in range(C):
         inv = np.float64(invstd[c])
-        var[c] = max(1.0 / (inv * inv) - eps, 0.0)
+        # 0 when torch's float32 variance overflowed: an infinite var, refused below
+        var[c] = max(1.0 / (inv * inv) - eps, 0.0) if inv != 0.0 else math.inf
     return update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum)
 
 
