@@ -489,30 +489,37 @@ def _channel_sums_rows(x, shift, other, threads):
                 s[c] += block_second[c]
                 block_first[c] = 0
                 block_second[c] = 0
+        # a block that overflowed the compute dtype (as in _span_sums_carried) left its
+        # channel's sum not finite: the chunk's rows again with float64 terms, in row
+        # order over every channel (one pass, as the NCHW kernels redo a span); checked
+        # once a chunk, so that the carries above stay plain vector adds
+        redo = False
         for c in range(C):
-            if not (math.isfinite(f[c]) and math.isfinite(s[c])):
-                # a block overflowed the compute dtype (as in _span_sums_carried): the
-                # chunk's rows again with float64 terms; checked once a chunk, so that
-                # the carries above stay plain vector adds
-                f[c], s[c] = _column_sums(x, other, c, lo, hi, shift[c])
+            redo |= not (math.isfinite(f[c]) and math.isfinite(s[c]))
+        if redo:
+            wide_first, wide_second = _rows_sums_float64(x, shift, other, lo, hi)
+            for c in range(C):
+                if not (math.isfinite(f[c]) and math.isfinite(s[c])):
+                    f[c], s[c] = wide_first[c], wide_second[c]
     return first, second
 
 
 @njit(**_serial)
-def _column_sums(x, other, c, start, stop, shift):
-    """The sums of _channel_sums_rows over rows start to stop of column c, float64 terms."""
-    center = np.float64(shift)
-    first = 0.0
-    second = 0.0
-    for a in range(start, stop):
-        d = np.float64(_up(x[a, c])) - center
-        if other is None:
-            first += d
-            second += d * d
-        else:
-            g = np.float64(_up(other[a, c]))
-            first += g
-            second += g * d
+def _rows_sums_float64(x, shift, other, lo, hi):
+    """The sums of _channel_sums_rows over rows lo to hi of (A, C) data, float64 terms."""
+    C = x.shape[1]
+    first = np.zeros(C)
+    second = np.zeros(C)
+    for a in range(lo, hi):
+        for c in range(C):
+            d = np.float64(_up(x[a, c])) - np.float64(shift[c])
+            if other is None:
+                first[c] += d
+                second[c] += d * d
+            else:
+                g = np.float64(_up(other[a, c]))
+                first[c] += g
+                second[c] += g * d
     return first, second
 
 
