@@ -192,7 +192,8 @@ def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, 
         if momentum < 0:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         return running_mean.data_ptr(), running_var.data_ptr(), 0
-    if not dense(num_batches_tracked, torch.int64, 1):
+    # one int64 (a tensor of one value is contiguous whatever its strides)
+    if num_batches_tracked.dtype is not torch.int64 or num_batches_tracked.numel() != 1:
         return None
     return running_mean.data_ptr(), running_var.data_ptr(), num_batches_tracked.data_ptr()
 

@@ -927,6 +927,11 @@ def update_running_stats_at(
 # cold caches: after a 64 MB copy, one call with these nine integers and floats took 13 us,
 # the eleven above (a bool and a numpy scalar among them) 23 us; in a training step of the
 # paper's MLP (three layers) the step took 11 to 12 us less (docs/benchmarks.md).
+# ops.py calls the function compiled for UPDATE_AT_SIGNATURE (Dispatcher.compile) rather
+# than the dispatcher, which works out the type of each argument on every call.
+
+# five addresses and the channel count, eps, the values per channel m, momentum
+UPDATE_AT_SIGNATURE = (types.int64,) * 6 + (types.float64, types.int64, types.float64)
 
 
 @njit(**_serial)
