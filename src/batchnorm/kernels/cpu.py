@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, njit, prange, typeof, types
 from numba.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf (see above).
@@ -922,48 +922,15 @@ def update_running_stats_at(
     return update_running_stats(buffers_mean, buffers_var, counter, batch_mean, batch_spread, m, momentum)
 
 
-# update_running_stats_at for one dtype and one kind of spread, the way Python calls it.
-# A call's cost from Python grows with its arguments and their kinds, most of all with
-# cold caches: after a 64 MB copy, one call with these nine integers and floats took 13 us,
-# the eleven above (a bool and a numpy scalar among them) 23 us; in a training step of the
-# paper's MLP (three layers) the step took 11 to 12 us less (docs/benchmarks.md).
-# ops.py calls the function compiled for UPDATE_AT_SIGNATURE (Dispatcher.compile) rather
-# than the dispatcher, which works out the type of each argument on every call.
+def update_at_signature(zero) -> tuple:
+    """The argument types update_running_stats_at is compiled for, for statistics of
+    ``zero``'s dtype (float32 or float64); ``zero`` itself is passed as the float 0.0.
 
-# five addresses and the channel count, eps, the values per channel m, momentum
-UPDATE_AT_SIGNATURE = (types.int64,) * 6 + (types.float64, types.int64, types.float64)
-
-
-@njit(**_serial)
-def update_from_invstd_at_f32(running_mean, running_var, counter, mean, invstd, channels, eps, m, momentum):
-    zero = np.float32(0)
-    return update_running_stats_at(
-        running_mean, running_var, counter, mean, invstd, True, channels, eps, m, momentum, zero
-    )
-
-
-@njit(**_serial)
-def update_from_invstd_at_f64(running_mean, running_var, counter, mean, invstd, channels, eps, m, momentum):
-    zero = np.float64(0)
-    return update_running_stats_at(
-        running_mean, running_var, counter, mean, invstd, True, channels, eps, m, momentum, zero
-    )
-
-
-@njit(**_serial)
-def update_from_var_at_f32(running_mean, running_var, counter, mean, var, channels, eps, m, momentum):
-    zero = np.float32(0)
-    return update_running_stats_at(
-        running_mean, running_var, counter, mean, var, False, channels, eps, m, momentum, zero
-    )
-
-
-@njit(**_serial)
-def update_from_var_at_f64(running_mean, running_var, counter, mean, var, channels, eps, m, momentum):
-    zero = np.float64(0)
-    return update_running_stats_at(
-        running_mean, running_var, counter, mean, var, False, channels, eps, m, momentum, zero
-    )
+    ops.py calls that compiled function directly (Dispatcher.compile), not the dispatcher,
+    which works out the type of every argument on each call: with cold caches that cost
+    more than the update itself (docs/benchmarks.md, runs 36 to 39).
+    """
+    return (types.int64,) * 5 + (types.boolean, types.int64, types.float64, types.int64, types.float64, typeof(zero))
 
 
 @njit(**_serial)
