@@ -28,11 +28,9 @@ def tolerance(dtype):
 @pytest.fixture(autouse=True)
 def _seed_and_numba_kernels(monkeypatch):
     """Every test runs the Numba kernels for any size, also on the small inputs that in
-    use go to torch's kernel (ops.SMALL_INPUT) or to the one-thread kernels
-    (ops.SMALL_CHANNEL_MAJOR); test_small_inputs.py tests those paths."""
+    use go to torch's kernel (ops.SMALL_INPUT); test_small_inputs.py tests that path."""
     torch.manual_seed(0)
     monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 0)
-    monkeypatch.setattr(batchnorm.ops, "SMALL_CHANNEL_MAJOR", (0, 0))
 
 
 @pytest.fixture(params=["in memory order", "channel-major"])

@@ -1,5 +1,6 @@
-"""Small inputs go to torch's CPU kernel or to the one-thread kernels in eager mode;
-the semantics stay this project's."""
+"""Small inputs go to torch's CPU kernel in eager mode, or, in a forward that autograd
+does not record, to the kernels (ops.UNRECORDED_KERNELS); the semantics stay this
+project's."""
 
 import pytest
 import torch
@@ -13,14 +14,26 @@ import oracle
 @pytest.fixture(autouse=True)
 def _default_threshold(monkeypatch):
     monkeypatch.setattr(ops, "SMALL_INPUT", 1 << 18)
-    monkeypatch.setattr(ops, "SMALL_CHANNEL_MAJOR", (1, 1 << 17))  # every size
+
+
+@pytest.fixture
+def torch_kernel_calls(monkeypatch):
+    """How many times ops called torch's kernel (torch.native_batch_norm)."""
+    calls = []
+    native = torch.native_batch_norm
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return native(*args)
+
+    monkeypatch.setattr(torch, "native_batch_norm", counted)
+    return calls
 
 
 @pytest.mark.parametrize("shape", [(256, 1024), (128, 16, 40), (4, 16, 5, 5)])
 def test_small_inputs_match_oracle_and_torch(shape):
     x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     assert ops._small(x, 1)
-    assert (ops._small_shape(x, None, None, 1) is None) == (len(shape) == 2)
     ours = batchnorm.BatchNorm(shape[1], momentum=None).double()
     theirs = (
         torch.nn.BatchNorm1d(shape[1], momentum=None).double()
@@ -30,6 +43,7 @@ def test_small_inputs_match_oracle_and_torch(shape):
     for step in range(3):
         xs = x * (step + 1)
         a, b = xs.clone().requires_grad_(True), xs.clone().requires_grad_(True)
+        assert not ops._kernels_unrecorded(a, ours.weight, ours.bias, a.numel())  # recorded: torch's kernel
         ya, yb = ours(a), theirs(b)
         dy = torch.randn_like(ya)
         ya.backward(dy)
@@ -61,7 +75,7 @@ def test_small_input_running_stats_match_torch(dtype):
     ours, theirs = batchnorm.BatchNorm1d(16, dtype=dtype), torch.nn.BatchNorm1d(16, dtype=dtype)
     for step in range(4):
         x = (torch.randn(128, 16, 40) * (step + 1) + step).to(dtype)
-        assert ops._small(x, 1)
+        assert ops._small(x, 1) and not ops._kernels_unrecorded(x, ours.weight, ours.bias, x.numel())
         torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
@@ -71,10 +85,20 @@ def test_small_input_running_stats_match_torch(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(128, 16, 40), (4, 16, 5, 5), (2, 3, 4, 5, 6), (7, 2, 3)])
-def test_one_thread_kernel_three_ways(shape, affine, dtype):
-    """Train mode under no_grad (contiguous, B > 1) runs the one-thread kernel: output,
-    running statistics and num_batches_tracked against torch and the float64 oracle."""
+@pytest.mark.parametrize(
+    "shape, kernels",
+    [
+        ((128, 16, 40), True),
+        ((16, 16, 8, 16), True),
+        ((8, 8, 4, 8, 16), True),
+        ((128, 64, 4), False),
+        ((4, 16, 5, 5), False),
+    ],
+)
+def test_unrecorded_small_inputs_three_ways(shape, kernels, affine, dtype, torch_kernel_calls):
+    """Train mode under no_grad: contiguous data of at least 2^15 values in rows of at least
+    8 goes to the kernels, the rest to torch's; output, running statistics and
+    num_batches_tracked against torch and the float64 oracle either way."""
     x = torch.randn(shape, dtype=torch.float64) * 3 + 5
     ours = batchnorm.BatchNorm(shape[1], affine=affine).to(dtype)
     theirs = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[len(shape)](
@@ -91,47 +115,58 @@ def test_one_thread_kernel_three_ways(shape, affine, dtype):
     with torch.no_grad():
         for step in range(3):
             xs = (x * (step + 1)).to(dtype)
-            assert ops._small_shape(xs, ours.weight, ours.bias, 1) is not None
+            assert ops._kernels_unrecorded(xs, ours.weight, ours.bias, xs.numel()) == kernels
             y_ref, mu, var = oracle.train_forward(xs, ours.weight, ours.bias)
             rm_ref, rv_ref = oracle.running_update(rm_ref, rv_ref, mu, var, m, 0.1)
             ya, yb = ours(xs), theirs(xs)
             torch.testing.assert_close(ya.double(), y_ref, **tol)
             torch.testing.assert_close(ya, yb, **tol)
+    assert len(torch_kernel_calls) == (0 if kernels else 3)
     torch.testing.assert_close(ours.running_mean.double(), rm_ref, **tol)
     torch.testing.assert_close(ours.running_var.double(), rv_ref, **tol)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
 
 
-def test_one_thread_kernel_only_where_autograd_does_not_record():
-    module = batchnorm.BatchNorm1d(4)
-    x = torch.randn(8, 4, 6)
-    assert ops._small_shape(x, module.weight, module.bias, 1) is None  # weight requires grad
+def test_kernels_for_small_inputs_only_where_autograd_does_not_record(torch_kernel_calls):
+    module = batchnorm.BatchNorm1d(8)
+    x = torch.randn(64, 8, 64)  # 2^15 values, rows of 64
+
+    def takes(t, weight=module.weight, bias=module.bias):
+        return ops._kernels_unrecorded(t, weight, bias, t.numel())
+
+    assert not takes(x)  # weight requires grad
+    module(x)
+    assert len(torch_kernel_calls) == 1
     with torch.no_grad():
-        assert ops._small_shape(x, module.weight, module.bias, 1) == (8, 4, 6)
-        assert ops._small_shape(x.transpose(0, 2).contiguous().transpose(0, 2), None, None, 1) is None
-        assert ops._small_shape(x, module.weight.double(), None, 1) is None
-        assert ops._small_shape(x[:, :, :1].contiguous(), None, None, 1) is None  # B == 1
-    assert ops._small_shape(x, None, None, 1) == (8, 4, 6)
-    assert ops._small_shape(x.requires_grad_(True), None, None, 1) is None
+        assert takes(x)
+        module(x)
+        assert len(torch_kernel_calls) == 1
+        assert not takes(x[:, :, :63].contiguous())  # fewer than 2^15 values
+        assert not takes(x.reshape(1024, 8, 4))  # rows of 4
+        assert takes(x.reshape(512, 8, 8))
+        assert not takes(x.transpose(0, 2).contiguous().transpose(0, 2))  # not contiguous
+        assert not takes(x.reshape(4096, 8))  # (N, C): rows of one value
+    assert takes(x, None, None)
+    assert not takes(x.requires_grad_(True), None, None)
 
 
-def test_one_thread_kernel_large_offset_and_nan_batch():
+def test_unrecorded_small_input_large_offset_and_nan_batch(torch_kernel_calls):
     # mean 1e4, standard deviation 1, in float32: the shifted float64 sums keep the variance
-    big = (torch.randn(64, 3, 16, dtype=torch.float64) + 1e4).float()
+    big = (torch.randn(64, 3, 256, dtype=torch.float64) + 1e4).float()
     module = batchnorm.BatchNorm1d(3, momentum=1.0)
     with torch.no_grad():
-        assert ops._small_shape(big, module.weight, module.bias, 1) is not None
+        assert ops._kernels_unrecorded(big, module.weight, module.bias, big.numel())
         module(big)
     _, _, var = oracle.train_forward(big, None, None)
     m = big.numel() // 3
     torch.testing.assert_close(module.running_var.double(), var * m / (m - 1), rtol=1e-3, atol=0)
-    module = batchnorm.BatchNorm1d(4)
-    x = torch.randn(8, 4, 6)
-    x[0, 0, 0] = float("nan")
+    module = batchnorm.BatchNorm1d(3)
+    big[0, 0, 0] = float("nan")
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="^batch norm: the training batch has NaN"):
-        module(x)
-    assert torch.equal(module.running_mean, torch.zeros(4)) and module.num_batches_tracked.item() == 0
+        module(big)
+    assert torch.equal(module.running_mean, torch.zeros(3)) and module.num_batches_tracked.item() == 0
+    assert torch_kernel_calls == []
 
 
 def test_update_outside_the_address_path():

@@ -18,7 +18,6 @@ again; a plain backward uses the fast kernel.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -425,56 +424,6 @@ class _EagerTrain(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
 
-def _address(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-# A forward in training mode that autograd does not record (under no_grad, as in
-# stats.population_statistics, or with nothing requiring a gradient), on a contiguous
-# input with more than one value per channel and row (B > 1 in the (A, C, B) view)
-# and a size in this range, runs in one thread with every tensor passed by address.
-# Measured on the development machine (docs/benchmarks.md): faster than torch's
-# kernel there. With autograd recording, the Python of an autograd.Function and its
-# backward cost more than this saves; above the range one thread is slower than a team.
-SMALL_CHANNEL_MAJOR = (1 << 16, 1 << 17)
-
-
-def _small_shape(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> tuple[int, int, int] | None:
-    """(A, C, B) when the one-thread kernel takes the input, else None.
-
-    It reads every tensor by address, so everything is checked here: a dense
-    float32/float64 input, weight and bias of its dtype, dense, one value per channel.
-    """
-    numel = input.numel()
-    low, high = SMALL_CHANNEL_MAJOR
-    if not (low <= numel <= high and numel > 0) or input.dtype not in launch.ZERO or not input.is_contiguous():
-        return None
-    if _recorded(input, weight, bias):
-        return None
-    shape = input.shape
-    channels = shape[axis]
-    inner = math.prod(shape[axis + 1 :])
-    if inner == 1:
-        return None
-    for t in (weight, bias):
-        if t is not None and (t.dtype is not input.dtype or t.numel() != channels or not t.is_contiguous()):
-            return None
-    return numel // (channels * inner), channels, inner
-
-
-def _train_small(input, weight, bias, eps, running, shape) -> Tensor:
-    """Algorithm 1 and the running update in one thread, for an input _small_shape took."""
-    stats = torch.empty(3, shape[1], dtype=input.dtype)
-    y = torch.empty_like(input)
-    cpu.train_small_at(
-        input.data_ptr(), _address(weight), _address(bias), y.data_ptr(), stats.data_ptr(),
-        *shape, float(eps), launch.ZERO[input.dtype],
-    )  # fmt: skip
-    if running is not None:
-        _update_at(running, stats[0], stats[2], False, float(eps))
-    return y
-
-
 class _EagerEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, running_mean, running_var, weight, bias, eps, axis):
@@ -497,9 +446,25 @@ _apply_eval = _c_apply.__get__(None, _EagerEval)
 # Python around it: see docs/benchmarks.md.
 SMALL_INPUT = 1 << 18
 
+# Except in a training forward that autograd does not record (under no_grad, as in
+# stats.population_statistics, or with nothing requiring a gradient) on contiguous data
+# with at least this many values and rows of at least this many (B in the (A, C, B)
+# view): there the kernels are faster than torch's, with no autograd.Function around
+# them (docs/benchmarks.md, "Small inputs under no_grad").
+UNRECORDED_KERNELS = (1 << 15, 8)
+
 
 def _small(input: Tensor, axis: int) -> bool:
     return axis == 1 and 0 < input.numel() <= SMALL_INPUT and input.dtype in (torch.float32, torch.float64)
+
+
+def _kernels_unrecorded(input: Tensor, weight: Tensor | None, bias: Tensor | None, numel: int) -> bool:
+    """Whether a small input (_small) goes to the kernels after all: see UNRECORDED_KERNELS."""
+    least, row = UNRECORDED_KERNELS
+    if numel < least or input.dim() < 3 or not input.is_contiguous():
+        return False
+    shape = input.shape
+    return numel // (shape[0] * shape[1]) >= row and not _recorded(input, weight, bias)
 
 
 _NO_BUFFERS = (None, None, None)
@@ -519,11 +484,7 @@ def train(input, weight, bias, eps, axis, running=None):
         # the small inputs first, with no call that a larger one does not need: at the
         # paper's MLP's size (60x100) every Python step shows in a training step
         numel = input.numel()
-        low, high = SMALL_CHANNEL_MAJOR
-        small = _small_shape(input, weight, bias, axis) if low <= numel <= high else None
-        if small is not None:
-            return _train_small(input, weight, bias, eps, running, small)
-        if numel <= SMALL_INPUT and _small(input, axis):
+        if numel <= SMALL_INPUT and _small(input, axis) and not _kernels_unrecorded(input, weight, bias, numel):
             y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             if running is not None:
                 _update_at(running, mean, invstd, True, float(eps))

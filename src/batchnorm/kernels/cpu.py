@@ -933,65 +933,6 @@ def update_at_signature(zero) -> tuple:
     return (types.int64,) * 5 + (types.boolean, types.int64, types.float64, types.int64, types.float64, typeof(zero))
 
 
-@njit(**_serial)
-def _affine_or(address, channels, fill, zero):
-    """weight or bias by address, or ``fill`` for every channel when the address is 0."""
-    if address != 0:
-        return carray(_pointer(address, zero), channels).astype(np.float64)
-    return np.full(channels, fill)
-
-
-@njit(**_serial)
-def _small_sums(x, center):
-    """float64 sum(x - center) and sum((x - center)^2) per channel over dense (A, C, B)
-    data in one thread, B the inner loop (rows summed as _row_sums does)."""
-    A, C, B = x.shape
-    first = np.zeros(C)
-    second = np.zeros(C)
-    for a in range(A):
-        for c in range(C):
-            f, s = _row_sums(x, None, a, c, center[c])
-            first[c] += f
-            second[c] += s
-    return first, second
-
-
-@njit(**_serial)
-def train_small_at(x, weight, bias, y, stats, A, C, B, eps, zero):
-    """Algorithm 1 on small dense (A, C, B) data with B > 1 in one thread, all by address
-    (ops._small_shape says which inputs, and checks what this cannot).
-
-    ``stats`` receives 3 * C values: mean, invstd and the biased var. The sums are
-    float64 around each channel's first value, as in forward_train_channels; on a
-    small input, one thread costs less than starting a team.
-    """
-    xs = carray(_pointer(x, zero), (A, C, B))
-    out = carray(_pointer(stats, zero), (3, C))
-    gamma = _affine_or(weight, C, 1.0, zero)
-    beta = _affine_or(bias, C, 0.0, zero)
-    shift = np.empty(C, xs.dtype)
-    for c in range(C):
-        shift[c] = xs[0, c, 0]
-    total, total_sq = _small_sums(xs, shift)
-    mean = np.empty(C, xs.dtype)
-    scale = np.empty(C, xs.dtype)
-    for c in range(C):
-        mu, var, invstd = _finish_stats(np.float64(shift[c]), total[c], total_sq[c], A * B, eps)
-        out[0, c] = mu
-        out[1, c] = invstd
-        out[2, c] = var
-        mean[c] = mu
-        scale[c] = gamma[c] * invstd
-    ys = carray(_pointer(y, zero), (A, C, B))
-    for a in range(A):
-        for c in range(C):
-            mu = mean[c]
-            s = scale[c]
-            o = beta[c]
-            for b in range(B):
-                ys[a, c, b] = (xs[a, c, b] - mu) * s + o
-
-
 # ------------------------------------------- the parallel kernels by address
 #
 # launch.py calls these: a numpy view of a tensor costs 1.5 to 5 us to make, an
