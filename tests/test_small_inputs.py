@@ -30,8 +30,11 @@ def torch_kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("shape", [(256, 1024), (128, 16, 40), (4, 16, 5, 5)])
-def test_small_inputs_match_oracle_and_torch(shape):
+@pytest.mark.parametrize(
+    "shape, kernels", [((256, 1024), False), ((128, 16, 40), False), ((4, 16, 5, 5), False), ((64, 32, 8, 10), True)]
+)
+def test_small_inputs_match_oracle_and_torch(shape, kernels, torch_kernel_calls):
+    """Training with autograd: torch's kernel, except NCHW-like data of more than 2^17 values."""
     x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     assert ops._small(x, 1)
     ours = batchnorm.BatchNorm(shape[1], momentum=None).double()
@@ -43,7 +46,7 @@ def test_small_inputs_match_oracle_and_torch(shape):
     for step in range(3):
         xs = x * (step + 1)
         a, b = xs.clone().requires_grad_(True), xs.clone().requires_grad_(True)
-        assert not ops._kernels_unrecorded(a, ours.weight, ours.bias, a.numel())  # recorded: torch's kernel
+        assert ops._kernels_after_all(a, ours.weight, ours.bias, a.numel()) == kernels
         ya, yb = ours(a), theirs(b)
         dy = torch.randn_like(ya)
         ya.backward(dy)
@@ -54,6 +57,7 @@ def test_small_inputs_match_oracle_and_torch(shape):
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-9, atol=1e-12)
     assert ours.num_batches_tracked == theirs.num_batches_tracked == 3
+    assert len(torch_kernel_calls) == (0 if kernels else 3)
     ours.eval()
     theirs.eval()
     torch.testing.assert_close(ours(x), theirs(x))
@@ -75,7 +79,7 @@ def test_small_input_running_stats_match_torch(dtype):
     ours, theirs = batchnorm.BatchNorm1d(16, dtype=dtype), torch.nn.BatchNorm1d(16, dtype=dtype)
     for step in range(4):
         x = (torch.randn(128, 16, 40) * (step + 1) + step).to(dtype)
-        assert ops._small(x, 1) and not ops._kernels_unrecorded(x, ours.weight, ours.bias, x.numel())
+        assert ops._small(x, 1) and not ops._kernels_after_all(x, ours.weight, ours.bias, x.numel())
         torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
@@ -115,7 +119,7 @@ def test_unrecorded_small_inputs_three_ways(shape, kernels, affine, dtype, torch
     with torch.no_grad():
         for step in range(3):
             xs = (x * (step + 1)).to(dtype)
-            assert ops._kernels_unrecorded(xs, ours.weight, ours.bias, xs.numel()) == kernels
+            assert ops._kernels_after_all(xs, ours.weight, ours.bias, xs.numel()) == kernels
             y_ref, mu, var = oracle.train_forward(xs, ours.weight, ours.bias)
             rm_ref, rv_ref = oracle.running_update(rm_ref, rv_ref, mu, var, m, 0.1)
             ya, yb = ours(xs), theirs(xs)
@@ -133,7 +137,7 @@ def test_kernels_for_small_inputs_only_where_autograd_does_not_record(torch_kern
     x = torch.randn(64, 8, 64)  # 2^15 values, rows of 64
 
     def takes(t, weight=module.weight, bias=module.bias):
-        return ops._kernels_unrecorded(t, weight, bias, t.numel())
+        return ops._kernels_after_all(t, weight, bias, t.numel())
 
     assert not takes(x)  # weight requires grad
     module(x)
@@ -149,6 +153,9 @@ def test_kernels_for_small_inputs_only_where_autograd_does_not_record(torch_kern
         assert not takes(x.reshape(4096, 8))  # (N, C): rows of one value
     assert takes(x, None, None)
     assert not takes(x.requires_grad_(True), None, None)
+    larger = torch.randn(64, 16, 130)  # more than 2^17 values: the kernels, recorded or not
+    assert takes(larger) and not takes(larger[:, :, :128].contiguous())
+    assert takes(larger.reshape(64 * 65, 16, 2)) and not takes(larger.reshape(64 * 130, 16, 1))
 
 
 def test_unrecorded_small_input_large_offset_and_nan_batch(torch_kernel_calls):
@@ -156,7 +163,7 @@ def test_unrecorded_small_input_large_offset_and_nan_batch(torch_kernel_calls):
     big = (torch.randn(64, 3, 256, dtype=torch.float64) + 1e4).float()
     module = batchnorm.BatchNorm1d(3, momentum=1.0)
     with torch.no_grad():
-        assert ops._kernels_unrecorded(big, module.weight, module.bias, big.numel())
+        assert ops._kernels_after_all(big, module.weight, module.bias, big.numel())
         module(big)
     _, _, var = oracle.train_forward(big, None, None)
     m = big.numel() // 3

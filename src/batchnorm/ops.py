@@ -446,11 +446,14 @@ _apply_eval = _c_apply.__get__(None, _EagerEval)
 # Python around it: see docs/benchmarks.md.
 SMALL_INPUT = 1 << 18
 
-# Except in a training forward that autograd does not record (under no_grad, as in
-# stats.population_statistics, or with nothing requiring a gradient) on contiguous data
-# with at least this many values and rows of at least this many (B in the (A, C, B)
-# view): there the kernels are faster than torch's, with no autograd.Function around
-# them (docs/benchmarks.md, "Small inputs under no_grad").
+# Except, in a training forward, for contiguous data with rows of more than one value
+# (B > 1 in the (A, C, B) view: NCHW-like): with more than RECORDED_KERNELS values it goes
+# to the kernels, and so it does with at least UNRECORDED_KERNELS[0] values in rows of at
+# least UNRECORDED_KERNELS[1] when autograd does not record the call (under no_grad, as in
+# stats.population_statistics, or with nothing requiring a gradient), where no
+# autograd.Function runs around them. Measured on the development machine: there the
+# kernels are faster than torch's (docs/benchmarks.md, "Small inputs under no_grad").
+RECORDED_KERNELS = 1 << 17
 UNRECORDED_KERNELS = (1 << 15, 8)
 
 
@@ -458,13 +461,19 @@ def _small(input: Tensor, axis: int) -> bool:
     return axis == 1 and 0 < input.numel() <= SMALL_INPUT and input.dtype in (torch.float32, torch.float64)
 
 
-def _kernels_unrecorded(input: Tensor, weight: Tensor | None, bias: Tensor | None, numel: int) -> bool:
-    """Whether a small input (_small) goes to the kernels after all: see UNRECORDED_KERNELS."""
-    least, row = UNRECORDED_KERNELS
-    if numel < least or input.dim() < 3 or not input.is_contiguous():
+def _kernels_after_all(input: Tensor, weight: Tensor | None, bias: Tensor | None, numel: int) -> bool:
+    """Whether a small training input (_small) goes to the kernels after all: see
+    RECORDED_KERNELS and UNRECORDED_KERNELS."""
+    if input.dim() < 3 or not input.is_contiguous():
         return False
     shape = input.shape
-    return numel // (shape[0] * shape[1]) >= row and not _recorded(input, weight, bias)
+    rows = numel // (shape[0] * shape[1])
+    if rows == 1:
+        return False
+    if numel > RECORDED_KERNELS:
+        return True
+    least, row = UNRECORDED_KERNELS
+    return numel >= least and rows >= row and not _recorded(input, weight, bias)
 
 
 _NO_BUFFERS = (None, None, None)
@@ -484,7 +493,7 @@ def train(input, weight, bias, eps, axis, running=None):
         # the small inputs first, with no call that a larger one does not need: at the
         # paper's MLP's size (60x100) every Python step shows in a training step
         numel = input.numel()
-        if numel <= SMALL_INPUT and _small(input, axis) and not _kernels_unrecorded(input, weight, bias, numel):
+        if numel <= SMALL_INPUT and _small(input, axis) and not _kernels_after_all(input, weight, bias, numel):
             y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             if running is not None:
                 _update_at(running, mean, invstd, True, float(eps))
