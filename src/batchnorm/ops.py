@@ -452,7 +452,7 @@ SMALL_INPUT = 1 << 18
 # least UNRECORDED_KERNELS[1] when autograd does not record the call (under no_grad, as in
 # stats.population_statistics, or with nothing requiring a gradient), where no
 # autograd.Function runs around them. Measured on the development machine: there the
-# kernels are faster than torch's (docs/benchmarks.md, "Small inputs under no_grad").
+# kernels are faster than torch's (docs/benchmarks.md, "Since runs 38 and 39").
 RECORDED_KERNELS = 1 << 17
 UNRECORDED_KERNELS = (1 << 15, 8)
 
