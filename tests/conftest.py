@@ -33,10 +33,18 @@ def _seed_and_numba_kernels(monkeypatch):
     monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 0)
 
 
-@pytest.fixture(params=["in memory order", "channel-major"])
+@pytest.fixture(params=["in memory order", "channel-major", "folded"])
 def kernel_order(request, monkeypatch):
-    """Both kernel families for NCHW-like data (B > 1): the small test shapes go to the
-    memory-order kernels (launch.STREAM_MAX_BYTES); with the limit at 0, to the channel-major ones."""
+    """Every kernel family for NCHW-like data (B > 1), whatever the test's shapes: the
+    memory-order kernels (launch.STREAM_MAX_BYTES), the channel-major ones (with that
+    limit at 0), and the folded ones of short rows (launch.folds, its limits lifted)."""
+    launch = batchnorm.launch
+    if request.param == "folded":
+        monkeypatch.setattr(launch, "FOLD_MAX_ROW_BYTES", 1 << 30)
+        monkeypatch.setattr(launch, "FOLD_MAX_COLUMN_BYTES", 1 << 30)
+        monkeypatch.setattr(launch, "FOLD_MIN_ROWS_PER_VALUE", 0)
+    else:
+        monkeypatch.setattr(launch, "FOLD_MAX_ROW_BYTES", 0)
     if request.param == "channel-major":
-        monkeypatch.setattr(batchnorm.launch, "STREAM_MAX_BYTES", 0)
+        monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
     return request.param

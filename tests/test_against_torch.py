@@ -263,6 +263,22 @@ def test_which_kernels_take_nchw_data(monkeypatch):
     assert not launch._in_memory_order(128, 256, 196, 4)  # 26 MB
 
 
+def test_which_short_rows_are_folded():
+    """launch.folds: rows of at most 36 bytes, C * B values of the compute dtype in at most
+    32 KiB, and at least 4 * B rows; such data goes to the folded kernels."""
+    assert launch.folds(256, 512, 4, 4) and launch._family(256, 512, 4, 4) == "folded"  # 2x2 maps
+    assert launch.folds(128, 128, 9, 4)  # 3x3 float32 maps, 36 bytes
+    assert not launch.folds(128, 128, 10, 4) and launch._family(128, 128, 10, 4) == "stream"
+    assert launch.folds(128, 256, 16, 2) and not launch.folds(128, 256, 16, 4)  # 4x4 maps: half only
+    assert launch.folds(128, 256, 4, 8) and not launch.folds(128, 256, 5, 8)  # float64: 32 bytes, 40
+    assert launch.folds(64, 2048, 4, 4) and not launch.folds(64, 2049, 4, 4)  # 8192 columns of float32
+    assert launch.folds(64, 1024, 4, 8) and not launch.folds(64, 1025, 4, 8)  # 4096 of float64
+    assert launch.folds(128, 4096, 2, 2)  # half-precision columns are summed in float32: 32 KiB
+    assert not launch.folds(128, 4097, 2, 2)
+    assert launch.folds(16, 512, 4, 4) and not launch.folds(15, 512, 4, 4)  # at least 4 * B rows
+    assert launch._family(256, 512, 1, 4) == "rows"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_stores_past_the_caches_match_torch(dtype, layout, kernel_order, monkeypatch):

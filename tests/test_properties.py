@@ -107,12 +107,12 @@ def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, sizes: torch
     offset=st.sampled_from([0.0, 3.0, -50.0]),
     half_layer=st.booleans(),
     through_ops=st.booleans(),
-    channel_major=st.booleans(),
+    family=st.sampled_from(["in memory order", "channel-major", "folded"]),
     pooled=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
-    sizes, rank, axis_choice, dtype, memory, order_seed, offset, half_layer, through_ops, channel_major, pooled, seed
+    sizes, rank, axis_choice, dtype, memory, order_seed, offset, half_layer, through_ops, family, pooled, seed
 ):
     """The kernels (every size goes to them here, see conftest.py) on data in any order of
     memory, with gaps or expanded, on any channel axis, in each dtype, against the algorithm
@@ -120,8 +120,9 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
     running update, and evaluation with the updated statistics. Half-precision data meets
     float32 parameters and buffers (as under autocast) or, with ``half_layer``, its own dtype
     (a layer made with ``.half()``): computed in float32 either way. ``through_ops`` calls the
-    custom ops (as under torch.compile or any mode) instead of the eager path; ``channel_major``
-    sends NCHW-like data to the channel-major kernels instead of those in memory order; ``pooled``
+    custom ops (as under torch.compile or any mode) instead of the eager path; ``family`` sends
+    NCHW-like data to the kernels in memory order, the channel-major ones or the folded ones
+    (launch.folds, its limits lifted), whatever its shape; ``pooled``
     takes the outputs from the buffer pool, with stores past the caches where rows are whole
     cache lines."""
     torch.manual_seed(seed)
@@ -151,10 +152,16 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
 
     launch, pool = batchnorm.launch, batchnorm.buffers.pool
     limits = launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes
+    fold_limits = launch.FOLD_MAX_ROW_BYTES, launch.FOLD_MAX_COLUMN_BYTES, launch.FOLD_MIN_ROWS_PER_VALUE
     mode = _Passthrough() if through_ops else contextlib.nullcontext()
     try:
-        if channel_major:
+        if family == "channel-major":
             launch.STREAM_MAX_BYTES = 0
+        if family == "folded":
+            launch.FOLD_MAX_ROW_BYTES = launch.FOLD_MAX_COLUMN_BYTES = 1 << 30
+            launch.FOLD_MIN_ROWS_PER_VALUE = 0
+        else:
+            launch.FOLD_MAX_ROW_BYTES = 0
         if pooled:
             launch.NONTEMPORAL_MIN_BYTES = pool.min_bytes = 0
         with mode:
@@ -168,6 +175,7 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
             )
     finally:
         launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes = limits
+        launch.FOLD_MAX_ROW_BYTES, launch.FOLD_MAX_COLUMN_BYTES, launch.FOLD_MIN_ROWS_PER_VALUE = fold_limits
 
     values = x.detach()
     y_ref, mu, var = oracle.train_forward(values, weight, bias, axis=axis)

@@ -1,6 +1,6 @@
-"""Small inputs go to torch's CPU kernel in eager mode, or, in a forward that autograd
-does not record, to the kernels (ops.UNRECORDED_KERNELS); the semantics stay this
-project's."""
+"""Small inputs go to torch's CPU kernel in eager mode, or to the kernels: in a forward
+that autograd does not record (ops.UNRECORDED_KERNELS), and with short rows that the
+folded kernels take (ops.FOLDED_KERNELS); the semantics stay this project's."""
 
 import pytest
 import torch
@@ -31,10 +31,21 @@ def torch_kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape, kernels", [((256, 1024), False), ((128, 16, 40), False), ((4, 16, 5, 5), False), ((64, 32, 8, 10), True)]
+    "shape, kernels",
+    [
+        ((256, 1024), False),
+        ((128, 16, 40), False),
+        ((4, 16, 5, 5), False),
+        ((64, 32, 8, 10), True),
+        ((256, 64, 2, 2), True),
+        ((64, 64, 2, 2), False),
+        ((32, 64, 4, 4), False),
+    ],
 )
 def test_small_inputs_match_oracle_and_torch(shape, kernels, torch_kernel_calls):
-    """Training with autograd: torch's kernel, except NCHW-like data of more than 2^17 values."""
+    """Training with autograd: torch's kernel, except NCHW-like data of more than 2^17 values
+    and short rows the folded kernels take (launch.folds) from 2^15 values (2x2 maps here; 2^14
+    values of them, and 4x4 maps, stay on torch's kernel)."""
     x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     assert ops._small(x, 1)
     ours = batchnorm.BatchNorm(shape[1], momentum=None).double()
@@ -95,13 +106,15 @@ def test_small_input_running_stats_match_torch(dtype):
         ((128, 16, 40), True),
         ((16, 16, 8, 16), True),
         ((8, 8, 4, 8, 16), True),
-        ((128, 64, 4), False),
+        ((128, 64, 4), True),
+        ((8, 1024, 4), False),
         ((4, 16, 5, 5), False),
     ],
 )
 def test_unrecorded_small_inputs_three_ways(shape, kernels, affine, dtype, torch_kernel_calls):
     """Train mode under no_grad: contiguous data of at least 2^15 values in rows of at least
-    8 goes to the kernels, the rest to torch's; output, running statistics and
+    8, or in shorter rows the folded kernels take (launch.folds: 128 rows of 4 do, 8 do not),
+    goes to the kernels, the rest to torch's; output, running statistics and
     num_batches_tracked against torch and the float64 oracle either way."""
     x = torch.randn(shape, dtype=torch.float64) * 3 + 5
     ours = batchnorm.BatchNorm(shape[1], affine=affine).to(dtype)
@@ -147,7 +160,8 @@ def test_kernels_for_small_inputs_only_where_autograd_does_not_record(torch_kern
         module(x)
         assert len(torch_kernel_calls) == 1
         assert not takes(x[:, :, :63].contiguous())  # fewer than 2^15 values
-        assert not takes(x.reshape(1024, 8, 4))  # rows of 4
+        assert not takes(x.reshape(8, 1024, 4))  # rows of 4, too few of them to fold
+        assert takes(x.reshape(1024, 8, 4))  # rows of 4, folded
         assert takes(x.reshape(512, 8, 8))
         assert not takes(x.transpose(0, 2).contiguous().transpose(0, 2))  # not contiguous
         assert not takes(x.reshape(4096, 8))  # (N, C): rows of one value

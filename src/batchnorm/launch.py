@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .buffers import pool
-from .kernels import cpu
+from .kernels import cpu, folded
 from .kernels.reference import compute_dtype
 from .layout import channel_view
 
@@ -106,15 +106,54 @@ def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
     return B * itemsize < cpu.PREFETCH_ROW_BYTES and A * C * B * itemsize <= STREAM_MAX_BYTES
 
 
+# NCHW-like data with short rows goes to the kernels of kernels/folded.py, which read
+# (A, C, B) as (A, C * B) with channels_last's kernels: rows of at most FOLD_MAX_ROW_BYTES
+# (3x3 float32 maps, 4x4 half-precision ones), C * B values of the compute dtype in at most
+# FOLD_MAX_COLUMN_BYTES (the per-column sums of a block of rows stay in L1), and at least
+# FOLD_MIN_ROWS_PER_VALUE * B rows A (the per-column work is paid once a call, the per-row
+# work of the other kernels once a row). Measured on the development machine against the
+# memory-order kernels: docs/benchmarks.md, "Short rows".
+FOLD_MAX_ROW_BYTES = 36
+FOLD_MAX_COLUMN_BYTES = 32 * 1024
+FOLD_MIN_ROWS_PER_VALUE = 4
+
+
+def folds(A: int, C: int, B: int, itemsize: int) -> bool:
+    """Whether (A, C, B) data of ``itemsize``-byte values (B > 1) goes to the folded kernels."""
+    return (
+        B * itemsize <= FOLD_MAX_ROW_BYTES
+        and C * B * max(itemsize, 4) <= FOLD_MAX_COLUMN_BYTES
+        and A >= FOLD_MIN_ROWS_PER_VALUE * B
+    )
+
+
 def _family(A: int, C: int, B: int, itemsize: int) -> str:
-    """Which kernels take (A, C, B) data: "rows" (B == 1), "stream" or "channels"."""
+    """Which kernels take (A, C, B) data: "rows" (B == 1), "folded", "stream" or "channels"."""
     if B == 1:
         return "rows"
+    if folds(A, C, B, itemsize):
+        return "folded"
     return "stream" if _in_memory_order(A, C, B, itemsize) else "channels"
 
 
-_TRAIN = {family: getattr(cpu, f"forward_train_{family}_at") for family in ("rows", "stream", "channels")}
-_BACKWARD = {family: getattr(cpu, f"backward_{family}_at") for family in ("rows", "stream", "channels")}
+def _kernels(kind: str) -> dict:
+    """The ``kind`` kernels (forward_train, forward_eval or backward) of each family, by
+    address. Evaluation is one pass, which the channel kernels already make in memory order."""
+    channels = getattr(cpu, f"{kind}_channels_at")
+    return {
+        "rows": getattr(cpu, f"{kind}_rows_at"),
+        "folded": getattr(folded, f"{kind}_folded_at"),
+        "stream": getattr(cpu, f"{kind}_stream_at", channels),
+        "channels": channels,
+    }
+
+
+_TRAIN, _EVAL, _BACKWARD = _kernels("forward_train"), _kernels("forward_eval"), _kernels("backward")
+
+
+def _rows_of(family: str, C: int, B: int) -> tuple[int, int]:
+    """(C, B) as the family's kernels walk the data: the folded ones as C * B columns."""
+    return (C * B, 1) if family == "folded" else (C, B)
 
 
 _SHAPES: dict[tuple, tuple[int, int, int] | None] = {}
@@ -215,10 +254,11 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
-    kernel = _TRAIN[_family(A, C, B, x.element_size())]
-    updated = kernel(
+    family = _family(A, C, B, x.element_size())
+    updated = _TRAIN[family](
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
-        _past_caches(2, y, C, B), ZERO[dtype], STORED[x.dtype], running_mean, running_var, counter, momentum,
+        _past_caches(2, y, *_rows_of(family, C, B)), ZERO[dtype], STORED[x.dtype],
+        running_mean, running_var, counter, momentum,
     )  # fmt: skip
     return y, (updated if buffers else None)
 
@@ -231,10 +271,10 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     dtype = compute_dtype(x.dtype)
     rm, rv = per_channel(running_mean, dtype, 0.0, C), per_channel(running_var, dtype, 1.0, C)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
-    kernel = cpu.forward_eval_rows_at if B == 1 else cpu.forward_eval_channels_at
-    kernel(
+    family = _family(A, C, B, x.element_size())
+    _EVAL[family](
         x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
-        threads, _past_caches(2, y, C, B), ZERO[dtype], STORED[x.dtype],
+        threads, _past_caches(2, y, *_rows_of(family, C, B)), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
     return y
 
@@ -253,10 +293,10 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
     w = per_channel(weight, dtype, 1.0, C)
-    kernel = _BACKWARD[_family(A, C, B, x.element_size())]
-    kernel(
+    family = _family(A, C, B, x.element_size())
+    _BACKWARD[family](
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads,
-        dx is not None and _past_caches(3, dx, C, B), ZERO[dtype], STORED[x.dtype],
+        dx is not None and _past_caches(3, dx, *_rows_of(family, C, B)), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
     return (input.new_empty(0) if dx is None else dx), dweight, dbias

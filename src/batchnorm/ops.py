@@ -453,8 +453,11 @@ SMALL_INPUT = 1 << 18
 # stats.population_statistics, or with nothing requiring a gradient), where no
 # autograd.Function runs around them. Measured on the development machine: there the
 # kernels are faster than torch's (docs/benchmarks.md, "Since runs 38 and 39").
+# Short rows that launch.folds takes (2x2, 3x3 maps) go to the kernels from FOLDED_KERNELS
+# values, recorded or not: there torch's kernel is slowest, its backward most of all.
 RECORDED_KERNELS = 1 << 17
 UNRECORDED_KERNELS = (1 << 15, 8)
+FOLDED_KERNELS = 1 << 15
 
 
 def _small(input: Tensor, axis: int) -> bool:
@@ -463,7 +466,7 @@ def _small(input: Tensor, axis: int) -> bool:
 
 def _kernels_after_all(input: Tensor, weight: Tensor | None, bias: Tensor | None, numel: int) -> bool:
     """Whether a small training input (_small) goes to the kernels after all: see
-    RECORDED_KERNELS and UNRECORDED_KERNELS."""
+    RECORDED_KERNELS, UNRECORDED_KERNELS and FOLDED_KERNELS."""
     if input.dim() < 3 or not input.is_contiguous():
         return False
     shape = input.shape
@@ -471,6 +474,8 @@ def _kernels_after_all(input: Tensor, weight: Tensor | None, bias: Tensor | None
     if rows == 1:
         return False
     if numel > RECORDED_KERNELS:
+        return True
+    if numel >= FOLDED_KERNELS and launch.folds(shape[0], shape[1], rows, input.element_size()):
         return True
     least, row = UNRECORDED_KERNELS
     return numel >= least and rows >= row and not _recorded(input, weight, bias)
