@@ -40,11 +40,10 @@ def kernel_order(request, monkeypatch):
     limit at 0), and the folded ones of short rows (launch.folds, its limits lifted)."""
     launch = batchnorm.launch
     if request.param == "folded":
-        monkeypatch.setattr(launch, "FOLD_MAX_ROW_BYTES", 1 << 30)
-        monkeypatch.setattr(launch, "FOLD_MAX_COLUMN_BYTES", 1 << 30)
+        monkeypatch.setattr(launch, "FOLD_LIMITS", ((1 << 30, 1 << 30),))
         monkeypatch.setattr(launch, "FOLD_MIN_ROWS_PER_VALUE", 0)
     else:
-        monkeypatch.setattr(launch, "FOLD_MAX_ROW_BYTES", 0)
+        monkeypatch.setattr(launch, "FOLD_LIMITS", ())
     if request.param == "channel-major":
         monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
     return request.param

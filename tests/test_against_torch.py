@@ -264,18 +264,24 @@ def test_which_kernels_take_nchw_data(monkeypatch):
 
 
 def test_which_short_rows_are_folded():
-    """launch.folds: rows of at most 36 bytes, C * B values of the compute dtype in at most
-    32 KiB, and at least 4 * B rows; such data goes to the folded kernels."""
+    """launch.folds: rows of at most 36 bytes with C * B values of the compute dtype in at
+    most 32 KiB, or rows of at most 64 bytes with columns in at most 16 KiB; at least 4 * B
+    rows. Such data goes to the folded kernels."""
     assert launch.folds(256, 512, 4, 4) and launch._family(256, 512, 4, 4) == "folded"  # 2x2 maps
     assert launch.folds(128, 128, 9, 4)  # 3x3 float32 maps, 36 bytes
-    assert not launch.folds(128, 128, 10, 4) and launch._family(128, 128, 10, 4) == "stream"
-    assert launch.folds(128, 256, 16, 2) and not launch.folds(128, 256, 16, 4)  # 4x4 maps: half only
-    assert launch.folds(128, 256, 4, 8) and not launch.folds(128, 256, 5, 8)  # float64: 32 bytes, 40
     assert launch.folds(64, 2048, 4, 4) and not launch.folds(64, 2049, 4, 4)  # 8192 columns of float32
     assert launch.folds(64, 1024, 4, 8) and not launch.folds(64, 1025, 4, 8)  # 4096 of float64
     assert launch.folds(128, 4096, 2, 2)  # half-precision columns are summed in float32: 32 KiB
     assert not launch.folds(128, 4097, 2, 2)
+    assert launch.folds(128, 256, 16, 2)  # 4x4 half maps: 32 bytes a row
+    # rows of 37 to 64 bytes: columns of at most 16 KiB
+    assert launch.folds(128, 256, 16, 4) and not launch.folds(128, 257, 16, 4)  # 4x4 float32 maps
+    assert launch.folds(64, 256, 8, 8) and not launch.folds(64, 257, 8, 8)  # float64 rows of 8
+    assert launch.folds(64, 128, 10, 4) and not launch.folds(64, 410, 10, 4)
+    assert not launch.folds(1024, 16, 17, 4) and launch._family(1024, 16, 17, 4) == "stream"  # 68 bytes
+    assert not launch.folds(1024, 16, 9, 8)  # float64 rows of 72 bytes
     assert launch.folds(16, 512, 4, 4) and not launch.folds(15, 512, 4, 4)  # at least 4 * B rows
+    assert launch.folds(64, 256, 16, 4) and not launch.folds(63, 256, 16, 4)
     assert launch._family(256, 512, 1, 4) == "rows"
 
 

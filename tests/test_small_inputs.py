@@ -39,13 +39,15 @@ def torch_kernel_calls(monkeypatch):
         ((64, 32, 8, 10), True),
         ((256, 64, 2, 2), True),
         ((64, 64, 2, 2), False),
-        ((32, 64, 4, 4), False),
+        ((128, 32, 8), False),
+        ((128, 32, 4, 4), False),
     ],
 )
 def test_small_inputs_match_oracle_and_torch(shape, kernels, torch_kernel_calls):
     """Training with autograd: torch's kernel, except NCHW-like data of more than 2^17 values
-    and short rows the folded kernels take (launch.folds) from 2^15 values (2x2 maps here; 2^14
-    values of them, and 4x4 maps, stay on torch's kernel)."""
+    and rows of fewer than 8 values that the folded kernels take (launch.folds) from 2^15
+    values (2x2 maps here; 2^14 values of them, and rows of 8 and 16, which fold, stay on
+    torch's kernel)."""
     x = torch.randn(shape, dtype=torch.float64) * 2 + 1
     assert ops._small(x, 1)
     ours = batchnorm.BatchNorm(shape[1], momentum=None).double()
@@ -165,6 +167,8 @@ def test_kernels_for_small_inputs_only_where_autograd_does_not_record(torch_kern
         assert takes(x.reshape(512, 8, 8))
         assert not takes(x.transpose(0, 2).contiguous().transpose(0, 2))  # not contiguous
         assert not takes(x.reshape(4096, 8))  # (N, C): rows of one value
+    assert takes(x.reshape(1024, 8, 4))  # folded rows of fewer than 8 values: recorded too
+    assert not takes(x.reshape(512, 8, 8))  # rows of 8 fold, but with autograd stay on torch's kernel
     assert takes(x, None, None)
     assert not takes(x.requires_grad_(True), None, None)
     larger = torch.randn(64, 16, 130)  # more than 2^17 values: the kernels, recorded or not

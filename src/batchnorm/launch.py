@@ -107,24 +107,23 @@ def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
 
 
 # NCHW-like data with short rows goes to the kernels of kernels/folded.py, which read
-# (A, C, B) as (A, C * B) with channels_last's kernels: rows of at most FOLD_MAX_ROW_BYTES
-# (3x3 float32 maps, 4x4 half-precision ones), C * B values of the compute dtype in at most
-# FOLD_MAX_COLUMN_BYTES (the per-column sums of a block of rows stay in L1), and at least
-# FOLD_MIN_ROWS_PER_VALUE * B rows A (the per-column work is paid once a call, the per-row
-# work of the other kernels once a row). Measured on the development machine against the
-# memory-order kernels: docs/benchmarks.md, "Short rows".
-FOLD_MAX_ROW_BYTES = 36
-FOLD_MAX_COLUMN_BYTES = 32 * 1024
+# (A, C, B) as (A, C * B) with channels_last's kernels: rows of at most 36 bytes (3x3
+# float32 maps, 4x4 half-precision ones) whose C * B columns of the compute dtype take at
+# most 32 KiB, or rows of at most 64 bytes (4x4 float32 maps) with columns of at most
+# 16 KiB (FOLD_LIMITS; the longer the rows, the less the other kernels lose on them and the
+# sooner the per-column values crowd the caches), and at least FOLD_MIN_ROWS_PER_VALUE * B
+# rows A (the per-column work is paid once a call, the per-row work of the other kernels
+# once a row). Measured on the development machine: docs/benchmarks.md, "Short rows".
+FOLD_LIMITS = ((36, 32 * 1024), (64, 16 * 1024))  # (bytes of a row, bytes of the C * B columns)
 FOLD_MIN_ROWS_PER_VALUE = 4
 
 
 def folds(A: int, C: int, B: int, itemsize: int) -> bool:
     """Whether (A, C, B) data of ``itemsize``-byte values (B > 1) goes to the folded kernels."""
-    return (
-        B * itemsize <= FOLD_MAX_ROW_BYTES
-        and C * B * max(itemsize, 4) <= FOLD_MAX_COLUMN_BYTES
-        and A >= FOLD_MIN_ROWS_PER_VALUE * B
-    )
+    if A < FOLD_MIN_ROWS_PER_VALUE * B:
+        return False
+    row, columns = B * itemsize, C * B * max(itemsize, 4)
+    return any(row <= most_row and columns <= most_columns for most_row, most_columns in FOLD_LIMITS)
 
 
 def _family(A: int, C: int, B: int, itemsize: int) -> str:

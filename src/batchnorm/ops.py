@@ -453,8 +453,9 @@ SMALL_INPUT = 1 << 18
 # stats.population_statistics, or with nothing requiring a gradient), where no
 # autograd.Function runs around them. Measured on the development machine: there the
 # kernels are faster than torch's (docs/benchmarks.md, "Since runs 38 and 39").
-# Short rows that launch.folds takes (2x2, 3x3 maps) go to the kernels from FOLDED_KERNELS
-# values, recorded or not: there torch's kernel is slowest, its backward most of all.
+# Rows shorter than UNRECORDED_KERNELS[1] that launch.folds takes (1x2, 2x2, 2x3 maps) go to
+# the kernels from FOLDED_KERNELS values, recorded or not: there torch's kernel is slowest,
+# its backward most of all (with rows of 8 and more it is as fast as the kernels there).
 RECORDED_KERNELS = 1 << 17
 UNRECORDED_KERNELS = (1 << 15, 8)
 FOLDED_KERNELS = 1 << 15
@@ -475,10 +476,10 @@ def _kernels_after_all(input: Tensor, weight: Tensor | None, bias: Tensor | None
         return False
     if numel > RECORDED_KERNELS:
         return True
-    if numel >= FOLDED_KERNELS and launch.folds(shape[0], shape[1], rows, input.element_size()):
-        return True
     least, row = UNRECORDED_KERNELS
-    return numel >= least and rows >= row and not _recorded(input, weight, bias)
+    if rows < row:
+        return numel >= FOLDED_KERNELS and launch.folds(shape[0], shape[1], rows, input.element_size())
+    return numel >= least and not _recorded(input, weight, bias)
 
 
 _NO_BUFFERS = (None, None, None)

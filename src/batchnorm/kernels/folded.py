@@ -8,8 +8,8 @@ per-column values: each channel's value repeated B times (_spread). Their per-co
 sums are then added per channel (_fold), so the statistics, the formulas and the
 rounding are those of the channels_last kernels, with B times as many columns.
 
-launch.py sends data here when its rows take at most launch.FOLD_MAX_ROW_BYTES;
-measurements in docs/benchmarks.md.
+launch.py sends data here when launch.folds says so (short rows, not too many columns,
+enough rows); measurements in docs/benchmarks.md.
 """
 
 from __future__ import annotations
