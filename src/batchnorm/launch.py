@@ -136,18 +136,19 @@ def _family(A: int, C: int, B: int, itemsize: int) -> str:
 
 
 def _kernels(kind: str) -> dict:
-    """The ``kind`` kernels (forward_train, forward_eval or backward) of each family, by
-    address. Evaluation is one pass, which the channel kernels already make in memory order."""
-    channels = getattr(cpu, f"{kind}_channels_at")
-    return {
-        "rows": getattr(cpu, f"{kind}_rows_at"),
-        "folded": getattr(folded, f"{kind}_folded_at"),
-        "stream": getattr(cpu, f"{kind}_stream_at", channels),
-        "channels": channels,
-    }
+    """The ``kind`` kernels (forward_train or backward) of each family, by address."""
+    families = {"rows": cpu, "folded": folded, "stream": cpu, "channels": cpu}
+    return {family: getattr(module, f"{kind}_{family}_at") for family, module in families.items()}
 
 
-_TRAIN, _EVAL, _BACKWARD = _kernels("forward_train"), _kernels("forward_eval"), _kernels("backward")
+_TRAIN, _BACKWARD = _kernels("forward_train"), _kernels("backward")
+# evaluation is one pass, which the channel kernels already make in memory order
+_EVAL = {
+    "rows": cpu.forward_eval_rows_at,
+    "folded": folded.forward_eval_folded_at,
+    "stream": cpu.forward_eval_channels_at,
+    "channels": cpu.forward_eval_channels_at,
+}
 
 
 def _rows_of(family: str, C: int, B: int) -> tuple[int, int]:

@@ -69,6 +69,7 @@ def forward_train_folded(x, weight, bias, eps, y, mean_out, invstd_out, var_out,
 
 @njit(**_serial)
 def forward_eval_folded(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
+    """The affine map of Algorithm 2 on (A, C, B) data as (A, C * B), per-column values."""
     A, C, B = x.shape
     mean, scale = _eval_scale(running_mean, running_var, weight, eps)
     _centered_affine_rows(
