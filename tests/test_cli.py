@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from batchnorm import bench, cli
 from batchnorm.buffers import pool
@@ -132,6 +133,7 @@ def test_bench_floor_column_and_lines():
     for row in rows:
         assert (bench.FLOOR in row.times) == (row.operation == "forward+backward"), row
         assert (bench.LAYER_FLOOR in row.times) == (row.operation == "forward+backward"), row
+        assert (bench.BATCH_NORM_PASSES in row.times) == (row.operation == "forward+backward"), row
         assert all(t > 0 for t in row.times.values())
     made_up = bench.Row(
         (2, 3, 4, 4), "NCHW", "forward+backward",
@@ -150,6 +152,13 @@ def test_bench_floor_column_and_lines():
         "- 2x3x4x4 NCHW: floor 1.000 ms, layer floor 1.250 ms (1.25x the floor), ours 2.000 ms (2.00x the "
         "floor); 3x torch's same layout needs 2.000 ms (2.00x the floor)"
     ) in text
+    made_up.times[bench.BATCH_NORM_PASSES] = 1.75e-3
+    text = bench.report([made_up], 1e10, 1 << 20, None)
+    assert "| 2.000 | 6.000 | 3.000 | 1.000 | 1.250 | 1.750 | 3.00x | 1.50x |" in text
+    assert (
+        "- 2x3x4x4 NCHW: floor 1.000 ms, layer floor 1.250 ms (1.25x the floor), batch-norm passes 1.750 ms "
+        "(1.75x the floor), ours 2.000 ms (2.00x the floor); 3x torch's same layout needs 2.000 ms"
+    ) in text
 
 
 def test_bench_layer_floor_runs_the_five_passes():
@@ -163,3 +172,30 @@ def test_bench_layer_floor_runs_the_five_passes():
     y.backward(dy)
     assert torch.equal(leaf.grad, dy + x) and leaf.grad.stride() == x.stride()
     assert leaf.grad.data_ptr() in {array.ctypes.data for array in pool._arrays}
+
+
+class _Aten(TorchDispatchMode):
+    """Records the aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bench_batch_norm_passes_read_before_they_write():
+    """The batch-norm passes: the forward reads x whole (a sum) before y = x, the backward reads
+    dy and x whole (two sums) before dx = dy + x, which autograd hands over as x.grad."""
+    x = torch.randn(2, 64, 64, 64)  # 2 MB: pooled
+    leaf = x.clone().requires_grad_(True)
+    dy = torch.randn_like(x)
+    with _Aten() as forward:
+        y = bench._BatchNormPassesLayer()(leaf)
+    with _Aten() as backward:
+        y.backward(dy)
+    assert torch.equal(y, x) and torch.equal(leaf.grad, dy + x)
+    assert [op for op in forward.ops if op in ("sum", "copy_")] == ["sum", "copy_"]
+    assert [op for op in backward.ops if op in ("sum", "add")] == ["sum", "sum", "add"]

@@ -135,6 +135,44 @@ def _five_passes_in_layer(x: torch.Tensor) -> Callable[[], object]:
     return _operation(_FivePassesLayer(), x, "forward+backward")
 
 
+BATCH_NORM_PASSES = "batch-norm passes"
+
+
+class _BatchNormPasses(torch.autograd.Function):
+    """The layer floor plus the reads that batch norm cannot skip: its statistics must be known
+    before its first output, so the forward reads x for them before y = x (x.sum()), and so
+    must sum(dy) and sum(dy * xhat) before the first dx, so the backward reads dy and x before
+    dx = dy + x (dy.sum(), x.sum()). Each a whole-tensor pass of torch's: no per-channel work,
+    no arithmetic beyond the additions, and no fusion either: so not a floor, since a kernel
+    that reads each channel the second time while it is still in L2 reads less memory than
+    these passes once the tensors outgrow the last-level cache; while they fit in it, both
+    read the second time from a cache."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        x.sum()
+        return pool.empty_like(x).copy_(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dy.sum()
+        x.sum()
+        return torch.add(dy, x, out=pool.empty_like(x))
+
+
+class _BatchNormPassesLayer(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _BatchNormPasses.apply(x)
+
+
+def _batch_norm_passes_in_layer(x: torch.Tensor) -> Callable[[], object]:
+    """A batch-norm layer's reads and writes, unfused, in Python around torch's passes, timed as the
+    layers are."""
+    return _operation(_BatchNormPassesLayer(), x, "forward+backward")
+
+
 def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
     """For each row, every eager implementation is called in turn, ``repeat`` rounds or more, so
     that the machine's drift during the run hits all of them alike; the median over rounds.
@@ -157,6 +195,7 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
                 if rank == 4 and operation == "forward+backward":
                     calls[FLOOR] = _five_passes(x)  # in the same rounds: the same cache pressure
                     calls[LAYER_FLOOR] = _five_passes_in_layer(x)
+                    calls[BATCH_NORM_PASSES] = _batch_norm_passes_in_layer(x)
                 times = _alternating(calls, repeat, per_round=1)
                 if with_compile:
                     # rounds of its own: an eager call right after a compiled one ran slower
@@ -328,17 +367,24 @@ def report(
         lines.append(
             f"forward+backward against its memory floor ({FLOOR}: torch's copy y = x and add dx = dy + x, "
             f"five tensor passes, timed in the same rounds; {LAYER_FLOOR}: the same five passes in a module "
-            "with an autograd.Function, what any layer written in Python around its own kernels pays), "
-            "and the times the targets ask for:"
+            "with an autograd.Function, what any layer written in Python around its own kernels pays; "
+            f"{BATCH_NORM_PASSES}: that layer reading x once more in the forward, and dy and x once more in the "
+            "backward, each a whole-tensor sum before it writes, as an unfused batch norm must), and the times "
+            "the targets ask for:"
         )
     for row in floors:
         same = row.times["torch NCHW" if row.layout == "NCHW" else "torch channels_last"]
         best = min(row.times["torch NCHW"], row.times["torch channels_last"])
         floor, ours = row.times[FLOOR], row.times["batchnorm"]
-        layer = row.times.get(LAYER_FLOOR)
+        layer, batch_norm = row.times.get(LAYER_FLOOR), row.times.get(BATCH_NORM_PASSES)
         lines.append(
             f"- {'x'.join(map(str, row.shape))} {row.layout}: floor {_ms(floor)} ms"
             + ("" if layer is None else f", layer floor {_ms(layer)} ms ({layer / floor:.2f}x the floor)")
+            + (
+                ""
+                if batch_norm is None
+                else f", {BATCH_NORM_PASSES} {_ms(batch_norm)} ms ({batch_norm / floor:.2f}x the floor)"
+            )
             + f", ours {_ms(ours)} ms ({ours / floor:.2f}x the floor); 3x torch's same layout needs "
             f"{_ms(same / 3)} ms ({same / 3 / floor:.2f}x the floor), 1.3x its faster layout "
             f"{_ms(best / 1.3)} ms ({best / 1.3 / floor:.2f}x the floor)"
