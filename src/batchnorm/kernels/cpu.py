@@ -599,13 +599,20 @@ def _channel_sums_stream(x, shift, other, threads):
     chunks = min(threads, rows)
     first = np.zeros((chunks, C))
     second = np.zeros((chunks, C))
+    # (a, c) stepped row by row, here and in the map passes, not worked out as divmod(r, C):
+    # the division took 14% of these sums on 32x256x14x14 float32 (hot, 118 against 102 us)
     for t in prange(chunks):
-        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
-            a = r // C
-            c = r - a * C
+        start = t * rows // chunks
+        a = start // C
+        c = start - a * C
+        for _ in range(start, (t + 1) * rows // chunks):  # rows (a, c) in memory order
             f, s = _span_sums_carried(x, other, a, c, 0, B, shift[c])
             first[t, c] += f
             second[t, c] += s
+            c += 1
+            if c == C:
+                c = 0
+                a += 1
     return first, second
 
 
@@ -648,9 +655,10 @@ def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
     rows = A * C
     chunks = min(threads, rows)
     for t in prange(chunks):
-        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
-            a = r // C
-            c = r - a * C
+        start = t * rows // chunks
+        a = start // C
+        c = start - a * C
+        for _ in range(start, (t + 1) * rows // chunks):  # rows (a, c) in memory order
             mu = mean[c]
             s = scale[c]
             o = offset[c]
@@ -659,6 +667,10 @@ def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
             else:
                 for b in range(B):
                     y[a, c, b] = _down((_up(x[a, c, b]) - mu) * s + o, y)
+            c += 1
+            if c == C:
+                c = 0
+                a += 1
         if nontemporal:
             _store_fence()
 
@@ -793,9 +805,10 @@ def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, non
     rows = A * C
     chunks = min(threads, rows)
     for t in prange(chunks):
-        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
-            a = r // C
-            c = r - a * C
+        start = t * rows // chunks
+        a = start // C
+        c = start - a * C
+        for _ in range(start, (t + 1) * rows // chunks):  # rows (a, c) in memory order
             p = dy_scale[c]
             k = center[c]
             q = x_scale[c]
@@ -805,6 +818,10 @@ def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, non
             else:
                 for b in range(B):
                     dx[a, c, b] = _down(_up(dy[a, c, b]) * p + ((_up(x[a, c, b]) - k) * q + o), dx)
+            c += 1
+            if c == C:
+                c = 0
+                a += 1
         if nontemporal:
             _store_fence()
 
