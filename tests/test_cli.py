@@ -166,7 +166,7 @@ def test_bench_layer_floor_runs_the_five_passes():
     as autograd hands it over (the pooled dx itself, not a copy of it)."""
     x = torch.randn(2, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 2 MB: pooled
     leaf = x.clone().requires_grad_(True)
-    y = bench._FivePassesLayer()(leaf)
+    y = bench._PassesLayer(bench._FivePasses)(leaf)
     assert torch.equal(y, x) and y.stride() == x.stride()
     dy = torch.randn_like(x)
     y.backward(dy)
@@ -193,7 +193,7 @@ def test_bench_batch_norm_passes_read_before_they_write():
     leaf = x.clone().requires_grad_(True)
     dy = torch.randn_like(x)
     with _Aten() as forward:
-        y = bench._BatchNormPassesLayer()(leaf)
+        y = bench._PassesLayer(bench._BatchNormPasses)(leaf)
     with _Aten() as backward:
         y.backward(dy)
     assert torch.equal(y, x) and torch.equal(leaf.grad, dy + x)

@@ -123,16 +123,23 @@ class _FivePasses(torch.autograd.Function):
         return torch.add(dy, x, out=pool.empty_like(x))
 
 
-class _FivePassesLayer(torch.nn.Module):
+class _PassesLayer(torch.nn.Module):
+    """A module around one of the passes' autograd.Functions, as the layers are around theirs."""
+
+    def __init__(self, passes: type[torch.autograd.Function]):
+        super().__init__()
+        self.passes = passes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FivePasses.apply(x)
+        return self.passes.apply(x)
 
 
-def _five_passes_in_layer(x: torch.Tensor) -> Callable[[], object]:
-    """The floor of any layer written in Python around its own kernels: the five passes, plus
-    the module call, the autograd.Function and autograd's backward machinery, timed the way the
-    layers are (forward+backward from a leaf, its gradient then dropped)."""
-    return _operation(_FivePassesLayer(), x, "forward+backward")
+def _in_layer(passes: type[torch.autograd.Function], x: torch.Tensor) -> Callable[[], object]:
+    """``passes`` in a module, timed the way the layers are (forward+backward from a leaf, its
+    gradient then dropped): with _FivePasses the floor of any layer written in Python around
+    its own kernels (the five passes, plus the module call, the autograd.Function and
+    autograd's backward machinery)."""
+    return _operation(_PassesLayer(passes), x, "forward+backward")
 
 
 BATCH_NORM_PASSES = "batch-norm passes"
@@ -162,17 +169,6 @@ class _BatchNormPasses(torch.autograd.Function):
         return torch.add(dy, x, out=pool.empty_like(x))
 
 
-class _BatchNormPassesLayer(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _BatchNormPasses.apply(x)
-
-
-def _batch_norm_passes_in_layer(x: torch.Tensor) -> Callable[[], object]:
-    """A batch-norm layer's reads and writes, unfused, in Python around torch's passes, timed as the
-    layers are."""
-    return _operation(_BatchNormPassesLayer(), x, "forward+backward")
-
-
 def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
     """For each row, every eager implementation is called in turn, ``repeat`` rounds or more, so
     that the machine's drift during the run hits all of them alike; the median over rounds.
@@ -194,8 +190,8 @@ def measure(shapes, repeat: int, with_compile: bool) -> list[Row]:
                     calls["torch"] = _operation(theirs, x, operation)
                 if rank == 4 and operation == "forward+backward":
                     calls[FLOOR] = _five_passes(x)  # in the same rounds: the same cache pressure
-                    calls[LAYER_FLOOR] = _five_passes_in_layer(x)
-                    calls[BATCH_NORM_PASSES] = _batch_norm_passes_in_layer(x)
+                    calls[LAYER_FLOOR] = _in_layer(_FivePasses, x)
+                    calls[BATCH_NORM_PASSES] = _in_layer(_BatchNormPasses, x)
                 times = _alternating(calls, repeat, per_round=1)
                 if with_compile:
                     # rounds of its own: an eager call right after a compiled one ran slower

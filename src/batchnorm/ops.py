@@ -452,7 +452,7 @@ SMALL_INPUT = 1 << 18
 # least UNRECORDED_KERNELS[1] when autograd does not record the call (under no_grad, as in
 # stats.population_statistics, or with nothing requiring a gradient), where no
 # autograd.Function runs around them. Measured on the development machine: there the
-# kernels are faster than torch's (docs/benchmarks.md, "Since runs 38 and 39").
+# kernels are faster than torch's (docs/benchmarks.md, "Between runs 38, 39 and runs 40, 41").
 # Rows shorter than UNRECORDED_KERNELS[1] that launch.folds takes (1x2, 2x2, 2x3 maps) go to
 # the kernels from FOLDED_KERNELS values, recorded or not: there torch's kernel is slowest,
 # its backward most of all (with rows of 8 and more it is as fast as the kernels there).
