@@ -105,3 +105,40 @@ def test_functional_checks():
     # training without running buffers: batch statistics only
     y = F.batch_norm(x, None, None, training=True)
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("shape", [(60, 3), (4, 3, 40, 40)], ids=["small", "kernels"])
+def test_per_channel_tensor_on_another_device(name, training, shape, monkeypatch):
+    """A parameter or buffer on another device than the input is refused, as torch's layer
+    refuses it, by name (the meta device stands in for a GPU), whether the input is small
+    (torch's kernel) or not; the CPU's state is left as it was."""
+    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    module = batchnorm.BatchNorm(3)
+    module(torch.randn(shape) + 1)
+    module.train(training)
+    tensor = getattr(module, name)
+    moved = tensor.to("meta")
+    setattr(module, name, torch.nn.Parameter(moved) if isinstance(tensor, torch.nn.Parameter) else moved)
+    state = {k: v.clone() for k, v in module.state_dict().items() if v.device.type == "cpu"}
+    with pytest.raises(RuntimeError, match=f"^{name} is on device meta, not on the input's device cpu$"):
+        module(torch.randn(shape))
+    for key, value in state.items():
+        assert torch.equal(module.state_dict()[key], value), key
+    with pytest.raises(RuntimeError, match="is not on the expected device cpu"):
+        theirs = torch.nn.BatchNorm1d(3).train(training)
+        setattr(theirs, name, torch.nn.Parameter(moved) if isinstance(tensor, torch.nn.Parameter) else moved)
+        theirs(torch.randn(60, 3))
+
+
+@pytest.mark.parametrize("shape", [(60, 3), (4, 3, 40, 40)], ids=["small", "kernels"])
+def test_counter_on_another_device(shape, monkeypatch):
+    """num_batches_tracked too (torch's layer adds 1 to it wherever it is, then normalizes)."""
+    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    module = batchnorm.BatchNorm(3)
+    module.num_batches_tracked = module.num_batches_tracked.to("meta")
+    with pytest.raises(RuntimeError, match="^num_batches_tracked is on device meta, not on the input's device cpu$"):
+        module(torch.randn(shape))
+    assert torch.equal(module.running_mean, torch.zeros(3)) and torch.equal(module.running_var, torch.ones(3))
+    module.eval()(torch.randn(shape))  # evaluation does not read it

@@ -2,6 +2,8 @@
 that autograd does not record (ops.UNRECORDED_KERNELS), and with short rows that the
 folded kernels take (ops.FOLDED_KERNELS); the semantics stay this project's."""
 
+import re
+
 import pytest
 import torch
 
@@ -231,3 +233,217 @@ def test_small_input_variance_past_float32_skips_the_update():
     torch.testing.assert_close(y, theirs(x))
     assert torch.equal(module.running_mean, torch.zeros(4)) and torch.equal(module.running_var, torch.ones(4))
     assert module.num_batches_tracked.item() == 0
+
+
+# ------------------------------------------------- the modules' one call (ops.train_tracked_small)
+
+
+@pytest.fixture
+def one_call(monkeypatch):
+    """Whether each call of ops.train_tracked_small from a module took the batch."""
+    taken = []
+    real = ops.train_tracked_small
+
+    def counted(*args):
+        y = real(*args)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(ops, "train_tracked_small", counted)
+    return taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(60, 100), (4, 16, 5, 5), (128, 16, 40), (2, 8, 3, 3, 3)])
+@pytest.mark.parametrize("momentum, affine", [(0.1, True), (None, True), (0.3, False)])
+def test_module_training_in_one_call_three_ways(shape, dtype, momentum, affine, one_call, torch_kernel_calls):
+    """A small training batch takes the modules' one call: the same output, gradients and
+    running statistics, bit for bit, as functional.batch_norm (the general path), and as
+    torch's layer and the float64 oracle within rounding."""
+    C = shape[1]
+    ours = batchnorm.BatchNorm(C, momentum=momentum, affine=affine).to(dtype)
+    theirs = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[
+        len(shape)
+    ](C, momentum=momentum, affine=affine).to(dtype)
+    weight = torch.linspace(0.5, 2, C, dtype=dtype, requires_grad=True) if affine else None
+    bias = torch.linspace(-1, 1, C, dtype=dtype, requires_grad=True) if affine else None
+    if affine:
+        with torch.no_grad():
+            for module in (ours, theirs):
+                module.weight.copy_(weight)
+                module.bias.copy_(bias)
+    rm, rv, count = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype), torch.tensor(0)
+    rm_ref, rv_ref = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    m = torch.Size(shape).numel() // C
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    for step in range(3):
+        x = (torch.randn(shape, dtype=torch.float64) * (step + 1) + step).to(dtype)
+        a, b, c = (x.clone().requires_grad_(True) for _ in range(3))
+        ya, yb = ours(a), theirs(b)
+        yc = batchnorm.functional.batch_norm(c, rm, rv, weight, bias, True, momentum, 1e-5, num_batches_tracked=count)
+        dy = torch.randn_like(ya)
+        for y in (ya, yb, yc):
+            y.backward(dy)
+        assert torch.equal(ya, yc) and torch.equal(a.grad, c.grad)
+        if affine:
+            assert torch.equal(ours.weight.grad, weight.grad) and torch.equal(ours.bias.grad, bias.grad)
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol)
+        torch.testing.assert_close(ya, yb, **tol)
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+        _, mu, var = oracle.train_forward(x, None, None)
+        factor = 1 / (step + 1) if momentum is None else momentum
+        rm_ref, rv_ref = oracle.running_update(rm_ref, rv_ref, mu, var, m, factor)
+    assert one_call == [True] * 3 and len(torch_kernel_calls) == 6
+    assert torch.equal(ours.running_mean, rm) and torch.equal(ours.running_var, rv)
+    assert ours.num_batches_tracked.item() == count.item() == theirs.num_batches_tracked.item() == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+    torch.testing.assert_close(ours.running_mean.double(), rm_ref, **tol)
+    torch.testing.assert_close(ours.running_var.double(), rv_ref, **tol)
+
+
+def _buffers_in_float64(module):
+    module.running_mean, module.running_var = module.running_mean.double(), module.running_var.double()
+
+
+def _strided_running_var(module):
+    module.running_var = torch.ones(2 * module.num_features)[::2]
+
+
+def _counter_in_int32(module):
+    module.num_batches_tracked = module.num_batches_tracked.int()
+
+
+@pytest.mark.parametrize(
+    "change, shape, dtype",
+    [
+        (_buffers_in_float64, (60, 8), torch.float32),  # the update kernel by address takes the input's dtype
+        (_strided_running_var, (60, 8), torch.float32),
+        (_counter_in_int32, (60, 8), torch.float32),
+        (torch.nn.Module.half, (60, 8), torch.float16),  # the update kernel takes float32 and float64
+        (None, (64, 16, 130), torch.float32),  # more than 2^17 values, rows of 130: the kernels
+    ],
+    ids=["float64-buffers", "strided-running-var", "int32-counter", "float16", "kernels"],
+)
+def test_module_one_call_declines_to_the_general_path(change, shape, dtype, one_call):
+    """What the one call does not take goes the general way, with the same results: output
+    and running statistics against the float64 oracle."""
+    module = batchnorm.BatchNorm(shape[1])
+    if change is not None:
+        change(module)
+    rm_ref, rv_ref = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+    m = torch.Size(shape).numel() // shape[1]
+    for step in range(2):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + step).to(dtype)
+        y = module(x.requires_grad_(True))
+        y_ref, mu, var = oracle.train_forward(x, None, None)
+        rm_ref, rv_ref = oracle.running_update(rm_ref, rv_ref, mu, var, m, 0.1)
+        torch.testing.assert_close(y.double(), y_ref, rtol=2e-3, atol=2e-3)
+    assert one_call == [False, False]
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.running_mean.double(), rm_ref, **tol)
+    torch.testing.assert_close(module.running_var.double(), rv_ref, **tol)
+    assert module.num_batches_tracked.item() == 2
+
+
+def test_module_one_call_declines_a_parameter_input_and_modes(one_call):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours, theirs = batchnorm.BatchNorm1d(8), torch.nn.BatchNorm1d(8)
+    x = torch.randn(60, 8) * 3 + 1
+    torch.testing.assert_close(ours(torch.nn.Parameter(x)), theirs(x))
+    with Seen() as seen:
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert "batchnorm.forward_train.default" in seen.ops
+    assert one_call == [False, False]
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_module_one_call_leaves_compile_function_modes_and_transforms_to_the_general_path(one_call):
+    """torch.compile(fullgraph=True) and a TorchFunctionMode see this project's ops; inside
+    torch.func.grad the running update is refused as in torch's layer."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.functions = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.functions.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def model(norm):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 8), norm(8))
+
+    eager, compiled = model(batchnorm.BatchNorm1d), model(batchnorm.BatchNorm1d)
+    run = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    x = torch.randn(60, 5)
+    torch.testing.assert_close(run(x), eager(x))
+    assert one_call == [False, True]  # traced by dynamo (its append replayed), then eager's
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value)
+
+    with Seen() as seen:
+        y = eager(x)
+    torch.testing.assert_close(y, model(torch.nn.BatchNorm1d)(x))
+    assert any("batchnorm.forward_train" in name for name in seen.functions)
+
+    h = torch.randn(60, 8) * 2 + 1
+    for module in (batchnorm.BatchNorm1d(8), torch.nn.BatchNorm1d(8)):
+        with pytest.raises(RuntimeError, match="would mutate a captured Tensor"):
+            torch.func.grad(lambda w, m=module: torch.func.functional_call(m, {"weight": w}, (h,)).sum())(torch.ones(8))
+        assert module.num_batches_tracked.item() == 0
+    assert one_call[-2:] == [False, False]
+
+
+@pytest.mark.parametrize(
+    "change, shape, message",
+    [
+        (lambda m: setattr(m, "weight", torch.nn.Parameter(torch.ones(5))), (60, 8),
+         "weight should contain 8 elements not 5"),
+        (lambda m: setattr(m, "running_var", torch.ones(9)), (60, 8), "running_var should contain 8 elements not 9"),
+        (lambda m: setattr(m, "momentum", 1.5), (60, 8), "momentum must be in [0, 1] or None, got momentum=1.5"),
+        (lambda m: setattr(m, "eps", 0.0), (60, 8), "eps must be positive, got eps=0.0"),
+        (None, (1, 8), "Expected more than 1 value per channel when training, got input size torch.Size([1, 8]); "
+         "use eval mode (model.eval()), a batch with more than one value per channel, or a normalization "
+         "that does not depend on the batch (LayerNorm, GroupNorm)"),
+        (None, (60, 9), "BatchNorm1d(num_features=8) expected input with 8 channels on axis 1, got 9 "
+         "(input size (60, 9))"),
+    ],
+)  # fmt: skip
+def test_module_one_call_leaves_errors_to_the_general_path(change, shape, message, one_call):
+    module = batchnorm.BatchNorm1d(8)
+    module(torch.randn(60, 8) + 1)
+    if change is not None:
+        change(module)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        module(torch.randn(shape))
+    assert one_call == [True, False]
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_module_one_call_nan_batch_warns_and_keeps_the_statistics(one_call):
+    module = batchnorm.BatchNorm1d(4, momentum=None)
+    module(torch.randn(8, 4))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.randn(8, 4)
+    x[3, 2] = float("inf")
+    with pytest.warns(RuntimeWarning, match="^batch norm: the training batch has NaN"):
+        module(x)
+    assert one_call == [True, True]
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), key

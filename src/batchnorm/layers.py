@@ -1,6 +1,8 @@
 """Drop-in batch-norm modules: torch's constructors, parameters, buffers and state_dict keys.
 
-The modules hold state and choose the mode; all the arithmetic is in functional.py.
+The modules hold state and choose the mode; the arithmetic is in functional.py, or, for a
+small training batch with running statistics, in ops.train_tracked_small (the same path in
+one call, since its Python cost as much as torch's kernel there).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from . import functional as F
+from . import ops
 
 Tensor = torch.Tensor
 
@@ -123,6 +126,15 @@ class _BatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if self.training and self.track_running_stats and self.axis == 1:
+            # a small batch on torch's kernel, the common case of small models, in one call
+            parameters, buffers = self._parameters, self._buffers
+            y = ops.train_tracked_small(
+                input, self.num_features, parameters["weight"], parameters["bias"], buffers["running_mean"],
+                buffers["running_var"], buffers["num_batches_tracked"], self.momentum, self.eps,
+            )  # fmt: skip
+            if y is not None:
+                return y
         axis = F.check_input(input, self.axis)
         F.check_options(self.momentum, self.eps)  # attributes a user may have changed
         channels = self.num_features

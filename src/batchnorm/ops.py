@@ -483,6 +483,17 @@ def _kernels_after_all(input: Tensor, weight: Tensor | None, bias: Tensor | None
 
 
 _NO_BUFFERS = (None, None, None)
+_TRAIN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_EVAL_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _check_devices(input: Tensor, names: tuple[str, ...], tensors: tuple[Tensor | None, ...]) -> None:
+    """Each tensor given on the input's device, as torch's layer requires: the ops dispatch on
+    the devices of all their tensors, and would not say that they differ (a weight on the meta
+    device made a CPU call return a CPU output)."""
+    for name, t in zip(names, tensors, strict=True):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name} is on device {t.device}, not on the input's device {input.device}")
 
 
 def train(input, weight, bias, eps, axis, running=None):
@@ -509,6 +520,7 @@ def train(input, weight, bias, eps, axis, running=None):
         # nothing to record: without autograd.Function's machinery (tens of microseconds
         # when the caches are cold)
         return _train_cpu(input, weight, bias, eps, axis, running)[0]
+    _check_devices(input, _TRAIN_TENSORS, (weight, bias, *buffers))
     if _transformed():
         y, mean, _invstd, var = reference.forward_train(input, weight, bias, eps, axis)
         if running is not None:
@@ -520,6 +532,55 @@ def train(input, weight, bias, eps, axis, running=None):
     return y
 
 
+_TORCH_KERNEL_DTYPES = {torch.float32: True, torch.float64: True}
+
+
+def train_tracked_small(input, channels, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """A module's training forward with running statistics when ``input`` (channels on axis 1)
+    goes to torch's kernel, as ``train`` would send it there; None when it does not, or when
+    anything that ``functional.normalize`` and ``train`` check would fail (they then decide,
+    and raise).
+
+    The same work as that path, in one call: at the paper's MLP's size (60x100) its ten
+    Python calls and repeated checks took 25 us a layer inside a training step, about as
+    much as torch's kernel (docs/benchmarks.md, "The MLP step, one call").
+    """
+    if type(input) is not Tensor or input.dtype not in _TORCH_KERNEL_DTYPES or not input.is_cpu:
+        return None
+    shape = input.shape
+    numel = input.numel()
+    if not (2 <= len(shape) <= 5 and shape[1] == channels and 2 * channels <= numel <= SMALL_INPUT):
+        return None  # count = numel // channels >= 2: the update runs
+    if not ((momentum is None or 0.0 <= momentum <= 1.0) and eps > 0):
+        return None
+    if _is_compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms_active():
+        return None
+    # (a functorch wrapper left over from a finished transform: torch's kernel takes it, as in torch's layer)
+    if len(shape) > 2 and _kernels_after_all(input, weight, bias, numel):
+        return None
+    for t in (weight, bias):
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.numel() != channels):
+            return None
+    dtype = input.dtype
+    for t in (running_mean, running_var):  # what the update kernel takes by address
+        if type(t) not in _PLAIN or not t.is_cpu or t.dtype is not dtype or t.numel() != channels:
+            return None
+        if not t.is_contiguous():
+            return None
+    counter = num_batches_tracked
+    if type(counter) not in _PLAIN or not counter.is_cpu or counter.dtype is not torch.int64 or counter.numel() != 1:
+        return None
+    y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+    update = _UPDATES.get(dtype) or _compile_update(dtype)
+    factor = -1.0 if momentum is None else float(momentum)
+    addresses = (running_mean.data_ptr(), running_var.data_ptr(), counter.data_ptr())
+    if not update(
+        *addresses, mean.data_ptr(), invstd.data_ptr(), True, channels, float(eps), numel // channels, factor, 0.0
+    ):
+        _warn_nonfinite(stacklevel=3)
+    return y
+
+
 def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
     """forward_eval, through the op or, in plain eager CPU mode, directly."""
     if eager(input, running_mean, running_var, weight, bias):
@@ -528,6 +589,7 @@ def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
         if _recorded(input, weight, bias):
             return _apply_eval(input, running_mean, running_var, weight, bias, eps, axis)
         return _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
+    _check_devices(input, _EVAL_TENSORS, (running_mean, running_var, weight, bias))
     if _transformed():
         return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
     return forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
