@@ -543,7 +543,8 @@ def train_tracked_small(input, channels, weight, bias, running_mean, running_var
 
     The same work as that path, in one call: at the paper's MLP's size (60x100) its ten
     Python calls and repeated checks took 25 us a layer inside a training step, about as
-    much as torch's kernel (docs/benchmarks.md, "The MLP step, one call").
+    much as torch's kernel (docs/benchmarks.md, "Between runs 40, 41 and runs 42, 43: the MLP
+    step in one call").
     """
     if type(input) is not Tensor or input.dtype not in _TORCH_KERNEL_DTYPES or not input.is_cpu:
         return None
