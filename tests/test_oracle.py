@@ -267,3 +267,57 @@ def test_float32_sums_past_the_float32_range_are_redone_in_float64(shape, layout
         module(x)
     m = x.numel() // 3
     torch.testing.assert_close(module.running_var.double(), var_ref * m / (m - 1), rtol=1e-5, atol=0)
+
+
+def _call(layer, *args, **kwargs):
+    return layer(*args, **kwargs)  # the line the non-finite warning must point at
+
+
+class _Parent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = batchnorm.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(x) + 1  # the line the warning must point at, in a model
+
+
+def _nan_batch(shape):
+    x = torch.randn(shape)
+    x[(1,) * len(shape)] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["update in the kernel call", "torch-ops update", "small one call", "functional small"],
+)
+def test_nonfinite_warning_points_at_the_callers_line(path, monkeypatch):
+    """Each place that refuses the update (in order: ops._train_cpu after the kernel call,
+    ops._update_with_torch, ops.train_tracked_small, ops._update_at from ops.train's small
+    branch) attributes the warning to the line that called the layer or batch_norm, not to
+    a line of this package or of torch, however deep it sits."""
+    module = batchnorm.BatchNorm2d(3)
+    x = _nan_batch((4, 3, 5, 5))
+    if path == "torch-ops update":  # float64 buffers on float32 data, which no kernel takes
+        module.running_mean, module.running_var = module.running_mean.double(), module.running_var.double()
+    elif path in ("small one call", "functional small"):
+        monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if path == "functional small":
+            _call(F.batch_norm, x, module.running_mean, module.running_var, training=True)
+        else:
+            _call(module, x)
+    [warning] = [w for w in caught if "training batch has NaN" in str(w.message)]
+    assert (warning.filename, warning.lineno) == (__file__, _call.__code__.co_firstlineno + 1)
+    assert int(module.num_batches_tracked) == 0
+
+
+def test_nonfinite_warning_in_a_model_points_at_the_models_line():
+    model = _Parent()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(_nan_batch((4, 3, 5, 5)))
+    [warning] = [w for w in caught if "training batch has NaN" in str(w.message)]
+    assert (warning.filename, warning.lineno) == (__file__, _Parent.forward.__code__.co_firstlineno + 1)

@@ -19,6 +19,7 @@ again; a plain backward uses the fast kernel.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -151,7 +152,7 @@ def _update_at(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, ep
     if not update(
         *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, running[3], running[4], 0.0
     ):
-        _warn_nonfinite(stacklevel=5)
+        _warn_nonfinite()
 
 
 # dtype: cpu.update_running_stats_at compiled for it (from Numba's cache when it has it) on
@@ -176,11 +177,22 @@ def _update_with_torch(running, mean: Tensor, spread: Tensor, spread_is_invstd: 
     updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
     reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     if not updated:
-        _warn_nonfinite(stacklevel=6)
+        _warn_nonfinite()
 
 
-def _warn_nonfinite(stacklevel: int) -> None:
-    warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=stacklevel)
+# frames the non-finite warning looks past: this package's and torch's (nn.Module's call,
+# autograd.Function, the custom ops' dispatch)
+_INTERNAL_DIRS = tuple(os.path.join(os.path.dirname(os.path.abspath(path)), "") for path in (__file__, torch.__file__))
+
+
+def _warn_nonfinite() -> None:
+    """NONFINITE_WARNING, attributed to the first frame outside this package and torch: the
+    line that called the layer or batch_norm, however many calls the path in between took
+    (warnings.warn's skip_file_prefixes, which Python 3.10 and 3.11 lack)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=level)
 
 
 # -------------------------------------------------------------- forward, eval
@@ -392,7 +404,7 @@ def _train_cpu(input, weight, bias, eps, axis, running) -> tuple[Tensor, Tensor]
         # the kernel call makes the running update too, when launch can pass the buffers
         y, updated = launch.train(input, weight, bias, eps, axis, mean, mean + step, mean + 2 * step, running)
     if updated is False:
-        _warn_nonfinite(stacklevel=4)
+        _warn_nonfinite()
     elif updated is None and running is not None:
         _update_at(running, stats[0], stats[2], False, float(eps))
     return y, stats
@@ -582,7 +594,7 @@ def train_tracked_small(input, channels, weight, bias, running_mean, running_var
     if not update(
         *addresses, mean.data_ptr(), invstd.data_ptr(), True, channels, float(eps), numel // channels, factor, 0.0
     ):
-        _warn_nonfinite(stacklevel=3)
+        _warn_nonfinite()
     return y
 
 
