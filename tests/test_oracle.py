@@ -282,9 +282,9 @@ class _Parent(torch.nn.Module):
         return self.bn(x) + 1  # the line the warning must point at, in a model
 
 
-def _nan_batch(shape):
-    x = torch.randn(shape)
-    x[(1,) * len(shape)] = float("nan")
+def _nan_batch():
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 1, 1, 1] = float("nan")
     return x
 
 
@@ -298,7 +298,7 @@ def test_nonfinite_warning_points_at_the_callers_line(path, monkeypatch):
     branch) attributes the warning to the line that called the layer or batch_norm, not to
     a line of this package or of torch, however deep it sits."""
     module = batchnorm.BatchNorm2d(3)
-    x = _nan_batch((4, 3, 5, 5))
+    x = _nan_batch()
     if path == "torch-ops update":  # float64 buffers on float32 data, which no kernel takes
         module.running_mean, module.running_var = module.running_mean.double(), module.running_var.double()
     elif path in ("small one call", "functional small"):
@@ -318,6 +318,6 @@ def test_nonfinite_warning_in_a_model_points_at_the_models_line():
     model = _Parent()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model(_nan_batch((4, 3, 5, 5)))
+        model(_nan_batch())
     [warning] = [w for w in caught if "training batch has NaN" in str(w.message)]
     assert (warning.filename, warning.lineno) == (__file__, _Parent.forward.__code__.co_firstlineno + 1)

@@ -474,7 +474,7 @@ FOLDED_KERNELS = 1 << 15
 
 
 # what small inputs go to torch's kernel in (half precision goes to the kernels at any size)
-_TORCH_KERNEL_DTYPES = {torch.float32: True, torch.float64: True}
+_TORCH_KERNEL_DTYPES = frozenset((torch.float32, torch.float64))
 
 
 def _small(input: Tensor, axis: int) -> bool:
