@@ -73,10 +73,11 @@ class BufferPool:
                 self._trim(nbytes)
                 array = _aligned_empty(tensor.numel(), kind)
                 self._arrays.append(array)
-            flat = torch.from_numpy(array)
-        if flat.dtype is not dtype:
-            flat = flat.view(dtype)
-        return flat.as_strided(tensor.shape, tensor.stride())
+            storage = torch.from_numpy(array).untyped_storage()
+        # set_ rather than a view of the array's tensor (as_strided, or view(dtype) for
+        # bfloat16): an output that autograd sees as a view cannot be modified in place
+        # (nn.ReLU(inplace=True) after the layer), and that is the torchvision pattern
+        return torch.empty(0, dtype=dtype).set_(storage, 0, tensor.shape, tensor.stride())
 
     def _take_idle(self, nbytes: int, dtype) -> np.ndarray | None:
         # a function of its own, so that no loop variable outlives the search and
