@@ -186,17 +186,18 @@ def test_nonfinite_batch_skips_update_with_warning():
 @pytest.mark.parametrize("buffers", ["in the kernel call", "apart"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_running_update_in_the_kernel_call_or_apart(buffers, layout):
-    """float32 buffers go with the forward kernel's call (launch.running_addresses); float64
-    buffers on float32 data take the separate update. Both match torch's layer over three
-    batches, and both refuse a non-finite batch with the warning."""
+    """Dense buffers go with the forward kernel's call (launch.running_addresses); strided
+    buffers (every other value of a longer tensor) take the separate update. Both match
+    torch's layer over three batches, and both refuse a non-finite batch with the warning."""
     ours, theirs = batchnorm.BatchNorm2d(6), torch.nn.BatchNorm2d(6)
     if buffers == "apart":
-        ours.running_mean, ours.running_var = ours.running_mean.double(), ours.running_var.double()
+        ours.running_mean, ours.running_var = torch.zeros(12)[::2], torch.ones(12)[::2]
+        assert not ours.running_mean.is_contiguous()
     for _ in range(3):
         x = (torch.randn(5, 6, 4, 3) * 3 + 2).contiguous(memory_format=layout)
         ours(x), theirs(x)
-    torch.testing.assert_close(ours.running_mean.float(), theirs.running_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.running_var.float(), theirs.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
     assert int(ours.num_batches_tracked) == 3
     state = {k: v.clone() for k, v in ours.state_dict().items()}
     x = torch.randn(5, 6, 4, 3).contiguous(memory_format=layout)
@@ -299,8 +300,8 @@ def test_nonfinite_warning_points_at_the_callers_line(path, monkeypatch):
     a line of this package or of torch, however deep it sits."""
     module = batchnorm.BatchNorm2d(3)
     x = _nan_batch()
-    if path == "torch-ops update":  # float64 buffers on float32 data, which no kernel takes
-        module.running_mean, module.running_var = module.running_mean.double(), module.running_var.double()
+    if path == "torch-ops update":  # strided buffers, which no kernel takes
+        module.running_mean, module.running_var = torch.zeros(6)[::2], torch.ones(6)[::2]
     elif path in ("small one call", "functional small"):
         monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
     with warnings.catch_warnings(record=True) as caught:

@@ -80,3 +80,50 @@ def test_state_restored_and_weights_unchanged():
 def test_bad_estimator():
     with pytest.raises(ValueError, match=r"^estimator must be one of \['exact', 'paper'\], got estimator='mean'$"):
         population_statistics(_model(), [], estimator="mean")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "paper"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_batches_are_skipped_counted_and_reported(estimator, bad):
+    """A batch with NaN or Inf is left out of every layer's estimate that it reaches (here
+    all of them: the value spreads through the first layer), never merged: the result is
+    that of the other batches alone, on this project's layer and on torch's; one warning
+    gives the counts, and the layers' own per-batch warning is not repeated."""
+    torch.manual_seed(1)
+    data = torch.randn(200, 6) * 2 + 1
+    batches = _split(data, [50, 50, 50, 50])
+    poisoned = [b.clone() for b in batches]
+    poisoned[1][7, 3] = bad
+    poisoned[3][0, 0] = bad
+    model, reference = _model(), _model()
+    population_statistics(reference, [batches[0], batches[2]], estimator=estimator)
+    with pytest.warns(RuntimeWarning) as caught:
+        counts = population_statistics(model, poisoned, estimator=estimator)
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "population_statistics: batches with NaN or infinite values were skipped, not merged (by layer: '1': 2, '4': 2)"
+    ]
+    assert counts == {"1": 100, "4": 100}
+    for name in ("1", "4"):
+        ours, expected = model.get_submodule(name), reference.get_submodule(name)
+        assert torch.isfinite(ours.running_mean).all() and torch.isfinite(ours.running_var).all()
+        torch.testing.assert_close(ours.running_mean, expected.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours.running_var, expected.running_var, rtol=1e-6, atol=1e-7)
+        assert int(ours.num_batches_tracked) == 0
+
+
+def test_only_nonfinite_batches_keep_the_running_statistics():
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(50, 6)
+    x[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning) as caught:
+        counts = population_statistics(model, [x])
+    assert counts == {"1": 0, "4": 0}
+    assert "skipped, not merged" in str(caught[0].message)
+    assert [str(w.message) for w in caught[1:]] == [
+        f"population_statistics: layer {name!r} saw no batch; its running statistics are unchanged"
+        for name in ("1", "4")
+    ]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

@@ -28,24 +28,60 @@ Where this differs from torch, on purpose:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import ops
 
 Tensor = torch.Tensor
 
-__all__ = ["batch_norm", "check_channel_tensors", "check_input", "check_options", "normalize"]
+__all__ = [
+    "batch_norm",
+    "check_channel_tensors",
+    "check_eps",
+    "check_input",
+    "check_momentum",
+    "check_options",
+    "normalize",
+]
 
 
-def check_options(momentum: float | None, eps: float) -> None:
-    if momentum is not None and not (0.0 <= momentum <= 1.0):
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_momentum(momentum: float | None) -> None:
+    """None (the cumulative average) or a number in [0, 1]; stricter than torch, which takes any
+    number (a momentum of 2 extrapolates the running averages past the batch)."""
+    if momentum is None:
+        return
+    if not _real(momentum):
+        raise TypeError(f"momentum must be a number in [0, 1] or None, got momentum={momentum!r}")
+    if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got momentum={momentum!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got eps={eps!r}")
+
+
+def check_eps(eps: float) -> None:
+    """A number (torch checks its sign in the forward, as check_options does)."""
+    if not _real(eps):
+        raise TypeError(f"eps must be a number, got eps={eps!r}")
+
+
+def check_options(momentum: float | None, eps: float, training: bool) -> None:
+    """torch's rule for eps: positive in training, non-negative in evaluation (torch's words);
+    momentum as check_momentum, in training only (evaluation does not use it)."""
+    check_eps(eps)
+    if training:
+        check_momentum(momentum)
+        if not eps > 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_input(input: Tensor, axis: int) -> int:
-    """Check dtype, rank 2 to 5 and the axis; return the axis as a non-negative index."""
+    """Check dtype, rank (at least 2, as torch) and the axis; return the axis as a non-negative index."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
@@ -53,8 +89,8 @@ def check_input(input: Tensor, axis: int) -> int:
             f"input must have a floating-point dtype (float16, bfloat16, float32 or float64), "
             f"got input.dtype={input.dtype}"
         )
-    if not 2 <= input.dim() <= 5:
-        raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     if isinstance(axis, bool) or not isinstance(axis, int) or not -input.dim() <= axis < input.dim():
         raise ValueError(
             f"axis must be in [{-input.dim()}, {input.dim() - 1}] for {input.dim()}D input, got axis={axis!r}"
@@ -62,16 +98,54 @@ def check_input(input: Tensor, axis: int) -> int:
     return axis % input.dim()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def check_channel_tensors(
-    channels: int, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    input: Tensor,
+    channels: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
 ) -> None:
-    """One value per channel in each per-channel tensor given (torch's wording)."""
+    """torch's rules for the per-channel tensors given, with torch's exception types:
+
+    - one value per channel each (torch's words);
+    - one dtype for all of them: the input's, or float32 for float16/bfloat16 input (the
+      dtypes torch's CPU kernel takes, on every path here, whatever the size or layout);
+    - running_mean and running_var together, and neither requiring a gradient while
+      autograd records (batch norm is not differentiable with respect to them).
+    """
     named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    first = None  # the first tensor given, (name, dtype): the others take its dtype
     for name, tensor in named:
-        if tensor is not None and tensor.numel() != channels:
-            raise ValueError(f"{name} should contain {channels} elements not {tensor.numel()}")
+        if tensor is None:
+            continue
+        if tensor.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+        if first is None:
+            first = (name, tensor.dtype)
+            allowed = (input.dtype, torch.float32) if input.dtype in _HALF else (input.dtype,)
+            if tensor.dtype not in allowed:
+                raise RuntimeError(
+                    f"mixed dtype: {name} is {tensor.dtype}, expected {' or '.join(map(str, allowed))} "
+                    f"for {input.dtype} input"
+                )
+        elif tensor.dtype != first[1]:
+            raise RuntimeError(
+                f"mixed dtype: {name} is {tensor.dtype} and {first[0]} {first[1]}; weight, bias, "
+                "running_mean and running_var must share one dtype"
+            )
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if running_mean is not None and torch.is_grad_enabled():
+        for name, tensor in named[:2]:
+            if tensor.requires_grad:
+                raise RuntimeError(
+                    f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
+                    "This input cannot have requires_grad True."
+                )
 
 
 def batch_norm(
@@ -92,10 +166,17 @@ def batch_norm(
     With ``training=True`` the batch statistics normalize, and the running buffers,
     when given, are updated in place. With ``training=False`` the running buffers
     normalize; they must be given.
+
+    Under torch.fx symbolic tracing, one call_function node.
     """
+    if type(input) is not torch.Tensor and isinstance(input, torch.fx.Proxy):
+        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+        return input.tracer.create_proxy(
+            "call_function", batch_norm, args, {"num_batches_tracked": num_batches_tracked}
+        )
     axis = check_input(input, axis)
-    check_options(momentum, eps)
-    check_channel_tensors(input.shape[axis], running_mean, running_var, weight, bias)
+    check_options(momentum, eps, training)
+    check_channel_tensors(input, input.shape[axis], running_mean, running_var, weight, bias)
     return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
 
 
@@ -117,7 +198,7 @@ def normalize(
     """
     if not training:
         if running_mean is None:
-            raise ValueError("running_mean and running_var are needed when training=False")
+            raise RuntimeError("running_mean must be defined in evaluation mode (training=False)")
         return ops.evaluate(input, running_mean, running_var, weight, bias, eps, axis)
 
     channels = input.shape[axis]

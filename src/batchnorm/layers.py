@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from . import functional as F
 from . import ops
@@ -59,7 +59,8 @@ Args:
 def _check_constructor(num_features: int, eps: float, momentum: float | None) -> None:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
         raise ValueError(f"num_features must be a positive integer, got num_features={num_features!r}")
-    F.check_options(momentum, eps)
+    F.check_momentum(momentum)
+    F.check_eps(eps)
 
 
 class _BatchNorm(nn.Module):
@@ -122,9 +123,14 @@ class _BatchNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        """The rank check of torch's layer of the same name (any rank 2 to 5 here)."""
+        """The rank check of torch's layer of the same name (any rank of 2 or more here, as torch's functional form)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
+            # torch.fx symbolic tracing: the layer is one call_module node, as torch's layers are
+            # (a leaf), so that the traced graph keeps its modes and its state
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
         if self.training and self.track_running_stats and self.axis == 1:
             # a small batch on torch's kernel, the common case of small models, in one call
@@ -136,7 +142,6 @@ class _BatchNorm(nn.Module):
             if y is not None:
                 return y
         axis = F.check_input(input, self.axis)
-        F.check_options(self.momentum, self.eps)  # attributes a user may have changed
         channels = self.num_features
         if input.shape[axis] != channels:
             raise ValueError(
@@ -156,11 +161,21 @@ class _BatchNorm(nn.Module):
         if training and not self.track_running_stats:
             running_mean = running_var = None
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
-        F.check_channel_tensors(channels, running_mean, running_var, weight, bias)
+        F.check_options(self.momentum, self.eps, use_batch_stats)  # attributes a user may have changed
+        F.check_channel_tensors(input, channels, running_mean, running_var, weight, bias)
         return F.normalize(
             input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum, self.eps, axis,
             num_batches_tracked,
         )  # fmt: skip
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it scripts, before it compiles anything
+        raise RuntimeError(
+            f"torch.jit.script does not take batchnorm's {type(self).__name__} (its forward dispatches between "
+            "Numba kernels and torch's in Python; TorchScript is deprecated as of torch 2.13): use torch.compile "
+            "or torch.export, which see each layer as one op, or torch.jit.trace; to script the model, load its "
+            "state_dict into torch.nn's layers (the same keys)"
+        )
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if type(self).__name__ == "BatchNorm" else ""
@@ -213,7 +228,7 @@ class BatchNorm3d(_BatchNorm):
 
 class BatchNorm(_BatchNorm):
     __doc__ = _DOC.format(
-        what="input of rank 2 to 5 with its channels on any axis", torch_name="BatchNorm*", shape="``axis``"
+        what="input of rank 2 or more with its channels on any axis", torch_name="BatchNorm*", shape="``axis``"
     ) + (
         "    axis: (keyword-only) the channel axis, negative allowed: 1 as torch lays out data, -1 for (N, ..., C)\n"
         "        as Keras does. Default: 1\n"
@@ -239,19 +254,24 @@ class BatchNorm(_BatchNorm):
 
 
 class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
-    """num_features is inferred from the first input, as torch's LazyBatchNorm does."""
+    """num_features is inferred from the first input, as torch's LazyBatchNorm does, or from
+    the tensors of a loaded state_dict (torch 2.13 leaves it 0 after loading)."""
 
     cls_to_become = None
 
-    def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None):
-        F.check_options(momentum, eps)
+    def __init__(
+        self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *, bias=True
+    ) -> None:
+        F.check_momentum(momentum)
+        F.check_eps(eps)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(0, eps, momentum, False, False, **factory_kwargs)
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = UninitializedParameter(**factory_kwargs)
-            self.bias = UninitializedParameter(**factory_kwargs)
+            if bias:
+                self.bias = UninitializedParameter(**factory_kwargs)
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory_kwargs)
             self.running_var = UninitializedBuffer(**factory_kwargs)
@@ -262,17 +282,23 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
             super().reset_parameters()
 
     def initialize_parameters(self, input: Tensor) -> None:
+        self._check_input_dim(input)
         if self.has_uninitialized_params():
-            self._check_input_dim(input)
             self.num_features = input.shape[self.axis]
-            if self.affine:
-                self.weight.materialize((self.num_features,))
-                if self.bias is not None:
-                    self.bias.materialize((self.num_features,))
-            if self.track_running_stats:
-                self.running_mean.materialize((self.num_features,))
-                self.running_var.materialize((self.num_features,))
+            for tensor in (self.weight, self.bias, self.running_mean, self.running_var):
+                if is_lazy(tensor):
+                    tensor.materialize((self.num_features,))
             self.reset_parameters()
+        elif self.num_features == 0:  # no tensor to infer it from (affine=False, track_running_stats=False)
+            self.num_features = input.shape[self.axis]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)  # materializes what it loads
+        if self.num_features == 0:
+            for tensor in (self.weight, self.running_mean):
+                if tensor is not None and not is_lazy(tensor):
+                    self.num_features = tensor.shape[0]
+                    break
 
 
 class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):

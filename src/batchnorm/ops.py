@@ -23,6 +23,7 @@ import sys
 import warnings
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import launch
 from .kernels import cpu, reference
@@ -343,13 +344,15 @@ torch.library.register_autograd("batchnorm::forward_eval", _backward_forward_eva
 
 def eager(input: Tensor, *tensors: Tensor | None) -> bool:
     """True when the CPU implementations may be called directly: no compile, no tracing,
-    no mode, no torch.func transform (see _transformed), and plain CPU tensors (not
-    subclasses). An input that is a functorch wrapper left over from a finished transform
-    has no storage; the custom ops unwrap it."""
+    no mode, no torch.func transform or forward-mode AD (see _transformed), no
+    torch.jit.trace, and plain CPU tensors (not subclasses). An input that is a functorch
+    wrapper left over from a finished transform has no storage; the custom ops unwrap it."""
     # on every call of every layer, so the names are bound once (torch.compiler.is_compiling
     # is still the function dynamo recognizes)
     if _is_compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms_active():
         return False
+    if forward_ad._current_level >= 0 or _tracing_state() is not None:
+        return False  # tangents to carry (forward_ad.dual_level()), or torch.jit.trace to record the ops
     if _functorch_wrapped(input) or type(input) not in _PLAIN or not input.is_cpu:
         return False
     for t in tensors:
@@ -363,6 +366,7 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _transforms_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 # autograd.Function.apply is a Python wrapper (functorch checks, argument binding) around
@@ -374,10 +378,24 @@ _c_apply = torch._C._FunctionBase.__dict__["apply"]
 
 
 def _transformed() -> bool:
-    """Inside a torch.func transform (grad, vmap, ...): the custom ops' autograd does not
-    support them, so the differentiable torch ops of kernels/reference.py run instead
-    (asked only once eager() has said no)."""
-    return _transforms_active()
+    """Inside a torch.func transform (grad, vmap, jvp, ...) or forward_ad.dual_level(): the
+    custom ops' autograd supports neither, so the differentiable torch ops of
+    kernels/reference.py run instead (asked only once eager() has said no)."""
+    return _transforms_active() or forward_ad._current_level >= 0
+
+
+def _without_tangents(input: Tensor, running_mean: Tensor, running_var: Tensor) -> tuple[Tensor, Tensor]:
+    """The running statistics as constants under forward-mode AD, as torch treats them:
+    refused with torch's words when they carry a tangent and the input does too."""
+    if forward_ad._current_level < 0:
+        return running_mean, running_var
+    mean, mean_tangent = forward_ad.unpack_dual(running_mean)
+    var, var_tangent = forward_ad.unpack_dual(running_var)
+    if (mean_tangent is not None or var_tangent is not None) and forward_ad.unpack_dual(input).tangent is not None:
+        raise RuntimeError(
+            "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad defined"
+        )
+    return mean, var
 
 
 def _recorded(*tensors: Tensor | None) -> bool:
@@ -499,6 +517,7 @@ def _kernels_after_all(input: Tensor, weight: Tensor | None, bias: Tensor | None
 
 
 _NO_BUFFERS = (None, None, None)
+_NUMBERS = (float, int)  # what train_tracked_small takes as momentum and eps (not bool; the others are checked)
 _TRAIN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _EVAL_TENSORS = ("running_mean", "running_var", "weight", "bias")
 
@@ -565,24 +584,28 @@ def train_tracked_small(input, channels, weight, bias, running_mean, running_var
     numel = input.numel()
     if not (2 <= len(shape) <= 5 and shape[1] == channels and 2 * channels <= numel <= SMALL_INPUT):
         return None  # count = numel // channels >= 2: the update runs
-    if not ((momentum is None or 0.0 <= momentum <= 1.0) and eps > 0):
+    if not ((momentum is None or type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0) and type(eps) in _NUMBERS):
+        return None
+    if not eps > 0:
         return None
     if _is_compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms_active():
+        return None
+    if _tracing_state() is not None:  # torch.jit.trace: the update by address would not be recorded
         return None
     # (a functorch wrapper left over from a finished transform: torch's kernel takes it, as in torch's layer)
     if len(shape) > 2 and _kernels_after_all(input, weight, bias, numel):
         return None
-    for t in (weight, bias):
-        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.numel() != channels):
-            return None
     dtype = input.dtype
+    for t in (weight, bias):
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or t.dtype is not dtype or t.numel() != channels):
+            return None
     # what the update kernel takes by address: launch.running_addresses written out, the update
     # called here (through running_addresses and _update_at the MLP step read 1.019x to 1.021x
     # torch's, against 1.024x to 1.027x, a layer's forward 1.7 us longer)
     for t in (running_mean, running_var):
         if type(t) not in _PLAIN or not t.is_cpu or t.dtype is not dtype or t.numel() != channels:
             return None
-        if not t.is_contiguous():
+        if not t.is_contiguous() or t.requires_grad:
             return None
     counter = num_batches_tracked
     if type(counter) not in _PLAIN or not counter.is_cpu or counter.dtype is not torch.int64 or counter.numel() != 1:
@@ -608,5 +631,6 @@ def evaluate(input, running_mean, running_var, weight, bias, eps, axis):
         return _forward_eval_cpu(input, running_mean, running_var, weight, bias, eps, axis)
     _check_devices(input, _EVAL_TENSORS, (running_mean, running_var, weight, bias))
     if _transformed():
+        running_mean, running_var = _without_tangents(input, running_mean, running_var)
         return reference.forward_eval(input, running_mean, running_var, weight, bias, eps, axis)
     return forward_eval(input, running_mean, running_var, weight, bias, eps, axis)

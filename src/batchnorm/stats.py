@@ -19,6 +19,7 @@ on the batch composition as training did; the first layer's "exact" estimate doe
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .kernels.reference import batch_stats
 from .layers import _BatchNorm
+from .ops import NONFINITE_WARNING
 
 Tensor = torch.Tensor
 
@@ -111,9 +113,15 @@ def population_statistics(
     of each layer that saw data hold the estimate; num_batches_tracked, momentum,
     the weights and every module's train/eval mode are as they were.
 
+    A batch whose input to a layer has NaN or infinite values (its statistics not
+    finite) is skipped by that layer: left out of its estimate, never merged, and
+    counted; one RuntimeWarning at the end gives the counts by layer (the layers' own
+    warning for each such batch is not repeated). A layer that kept no batch keeps its
+    running statistics, with a warning.
+
     ``forward(model, batch)`` runs one batch; by default ``model(batch)``, or
     ``model(batch[0])`` for a tuple or list (inputs, targets).
-    Returns the number of values per channel each layer saw, by layer name.
+    Returns the number of values per channel each layer's estimate holds, by layer name.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got estimator={estimator!r}")
@@ -129,6 +137,7 @@ def population_statistics(
         for name, layer in layers
     }
     estimates = {name: ESTIMATORS[estimator]() for name, _ in layers}
+    skipped = dict.fromkeys(estimates, 0)
 
     def recorder(name: str):
         def hook(layer: nn.Module, args) -> None:
@@ -137,18 +146,24 @@ def population_statistics(
             count = input.numel() // input.shape[axis]
             if count > 1:
                 mean, var = batch_stats(input.detach(), axis)
+                if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                    skipped[name] += 1
+                    return
                 estimates[name].update(mean, var, count)
 
         return hook
 
     handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers]
     try:
-        model.train()
-        total = max_batches if max_batches is not None else _length(batches)
-        for index, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="population statistics")):
-            if max_batches is not None and index >= max_batches:
-                break
-            run(model, batch)
+        with warnings.catch_warnings():  # the skip is reported once, below
+            warnings.filterwarnings("ignore", message=re.escape(NONFINITE_WARNING), category=RuntimeWarning)
+            model.train()
+            total = max_batches if max_batches is not None else _length(batches)
+            batches = tqdm(batches, total=total, disable=not progress, desc="population statistics")
+            for index, batch in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    break
+                run(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -160,6 +175,14 @@ def population_statistics(
             layer.running_var.copy_(running_var)
             layer.num_batches_tracked.copy_(num_batches_tracked)
 
+    if any(skipped.values()):
+        by_layer = ", ".join(f"{name!r}: {n}" for name, n in skipped.items() if n)
+        warnings.warn(
+            f"population_statistics: batches with NaN or infinite values were skipped, not merged "
+            f"(by layer: {by_layer})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     counts = {}
     for name, layer in layers:
         counts[name] = estimates[name].count
