@@ -131,7 +131,7 @@ def test_npz_errors(tmp_path):
     with pytest.raises(data.DataError, match=r"short.npz: x must be \(N, ...\) and y \(N,\), got \(3, 2\) and \(2,\)"):
         data.load(f"npz:{tmp_path / 'short.npz'}")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(data.DataError, match="junk.npz: not a readable"):
+    with pytest.raises(data.DataError, match=r"junk.npz: not a .npz archive \(not a zip file"):
         data.load(f"npz:{tmp_path / 'junk.npz'}")
 
 

@@ -21,6 +21,23 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _out_error(out: str) -> str | None:
+    """Why ``out`` cannot be the output directory, found before anything runs or is written."""
+    path = os.path.abspath(out)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return f"--out {out}: exists and is not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"--out {out}: the directory is not writable"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {out}: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot create it in {parent} (not writable)"
+    return None
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -85,6 +102,10 @@ def _lab(args) -> int:
     names = list(report.EXPERIMENTS) if args.command == "reproduce" else [args.name]
     scale = args.scale or ("full" if args.full else "quick")
     out = args.out or _default_out()
+    problem = _out_error(out)
+    if problem:
+        print(f"batchnorm {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     command = " ".join(["batchnorm", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("batchnorm") else ""
     try:
         results, path = report.reproduce(
@@ -157,6 +178,10 @@ def _train(args) -> int:
         print(f"batchnorm train: error: {error}", file=sys.stderr)
         return 2
     out = args.out or _default_out()
+    problem = _out_error(out)
+    if problem:
+        print(f"batchnorm train: error: {problem}", file=sys.stderr)
+        return 2
     try:
         run = train.train(config, out=out, resume=args.resume, log=None if sys.stderr.isatty() else print)
     except (DataError, FileNotFoundError, ValueError) as error:

@@ -181,7 +181,7 @@ def population_statistics(
             f"population_statistics: batches with NaN or infinite values were skipped, not merged "
             f"(by layer: {by_layer})",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,  # past torch.no_grad's wrapper: the caller's line
         )
     counts = {}
     for name, layer in layers:
@@ -189,7 +189,7 @@ def population_statistics(
         if estimates[name].count < 2:
             warnings.warn(
                 f"population_statistics: layer {name!r} saw no batch; its running statistics are unchanged",
-                stacklevel=2,
+                stacklevel=3,  # past torch.no_grad's wrapper: the caller's line
             )
             continue
         mean, var = estimates[name].result()

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import csv as _csv
 import gzip
+import math
 import os
 import random
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,7 @@ __all__ = ["DataError", "Dataset", "csv", "digits", "load", "mnist1d", "mnist_id
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+MAX_CLASSES = 10_000  # a label of 1e6 would make a model with a million outputs
 
 
 class DataError(ValueError):
@@ -64,10 +67,15 @@ def _dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
     return Dataset(name, as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test))
 
 
-def _split(name: str, x: np.ndarray, y: np.ndarray) -> Dataset:
+def _split(name: str, x: np.ndarray, y: np.ndarray, path: str | None = None) -> Dataset:
     """A fixed 80/20 split (seed SPLIT_SEED) for data without a test set."""
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
     n_test = max(1, int(round(len(y) * TEST_FRACTION)))
+    if len(y) - n_test < 2:
+        raise DataError(
+            f"{path or name}: {len(y)} example(s), too few to split into a training set of at least 2 "
+            f"and a test set of {TEST_FRACTION:.0%}"
+        )
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
     test, train = order[:n_test], order[n_test:]
     return _dataset(name, x[train], y[train], x[test], y[test])
 
@@ -139,7 +147,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
             f"{path}: magic number {magic:#010x}, expected {_IDX_MAGIC[ndim]:#010x} ({ndim}-D unsigned bytes)"
         )
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # Python integers: dimensions up to 2^32 - 1 do not overflow
     if len(raw) != expected:
         raise DataError(f"{path}: {len(raw)} bytes, expected {expected} for shape {shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
@@ -185,22 +193,35 @@ def _labels(path: str, labels: np.ndarray) -> np.ndarray:
     """Class labels as 0..K-1 integers: integer labels kept, anything else indexed in sorted order."""
     if labels.size == 0:
         raise DataError(f"{path}: no examples")
-    if np.issubdtype(labels.dtype, np.integer):
-        if labels.min() < 0:
-            raise DataError(f"{path}: negative label {labels.min()}")
-        return labels.astype(np.int64)
-    if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)) and labels.min() >= 0:
-        return labels.astype(np.int64)
-    _classes, index = np.unique(labels.astype(str), return_inverse=True)
-    return index.astype(np.int64)
+    if np.issubdtype(labels.dtype, np.complexfloating):
+        raise DataError(f"{path}: complex labels ({labels.dtype}); labels must be integers or names")
+    numeric = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and np.all(labels == np.round(labels))
+    )
+    if not numeric:
+        _classes, index = np.unique(labels.astype(str), return_inverse=True)
+        return index.astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{path}: negative label {labels.min()}")
+    if labels.max() >= MAX_CLASSES:
+        raise DataError(
+            f"{path}: label {labels.max()} would make a model of {int(labels.max()) + 1} classes; "
+            f"labels must be below {MAX_CLASSES} (number the classes 0..K-1)"
+        )
+    return labels.astype(np.int64)
 
 
 def csv(path: str, label: str = "label") -> Dataset:
     """A CSV file with a header row: the column ``label`` holds the class, every other column a number."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [row for row in _csv.reader(handle) if row]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not text
+            rows = [row for row in _csv.reader(handle) if row]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x})") from None
+    except _csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
     if not rows:
         raise DataError(f"{path}: empty file")
     header, body = [name.strip() for name in rows[0]], rows[1:]
@@ -225,18 +246,20 @@ def csv(path: str, label: str = "label") -> Dataset:
         y = np.asarray([int(value) for value in labels])
     except ValueError:
         y = np.asarray(labels)
-    return _split(os.path.basename(path), x, _labels(path, y))
+    return _split(os.path.basename(path), x, _labels(path, y), path)
 
 
 def npz(path: str) -> Dataset:
     """A .npz file with arrays x and y, and optionally x_test and y_test (no pickled objects)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a .npz archive (not a zip file; np.savez writes one)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (ValueError, OSError) as error:
-        raise DataError(f"{path}: not a readable .npz archive without pickled objects ({error})") from error
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npz archive without pickled objects ({error})") from None
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(f"{path}: no array {key!r}; arrays are {sorted(arrays)}")
@@ -248,14 +271,22 @@ def npz(path: str) -> Dataset:
             raise DataError(
                 f"{path}: {xk} must be (N, ...) and {yk} (N,), got {arrays[xk].shape} and {arrays[yk].shape}"
             )
-        if not np.issubdtype(arrays[xk].dtype, np.number) or not np.isfinite(arrays[xk]).all():
+        dtype = arrays[xk].dtype
+        if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
+            raise DataError(f"{path}: {xk} must hold real numbers (integers or floats), got dtype {dtype}")
+        if not np.isfinite(arrays[xk]).all():
             raise DataError(f"{path}: {xk} must hold finite numbers")
+    if "x_test" in arrays and arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
+        raise DataError(
+            f"{path}: x_test examples are {arrays['x_test'].shape[1:]}, x examples {arrays['x'].shape[1:]}; "
+            "they must have one shape"
+        )
     name = os.path.basename(path)
     if "x_test" in arrays:
         return _dataset(
             name, arrays["x"], _labels(path, arrays["y"]), arrays["x_test"], _labels(path, arrays["y_test"])
         )
-    return _split(name, arrays["x"], _labels(path, arrays["y"]))
+    return _split(name, arrays["x"], _labels(path, arrays["y"]), path)
 
 
 # -------------------------------------------------------------------- lookup

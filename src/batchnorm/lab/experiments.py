@@ -31,7 +31,9 @@ from .. import layers
 from ..stats import population_statistics
 from . import data as data_module
 from . import plots
-from .train import Config, Run, build_model, evaluate, save_atomically, train
+from .checkpoints import CheckpointError, save_atomically
+from .checkpoints import load as load_kept
+from .train import Config, Run, build_model, evaluate, train
 
 __all__ = ["EXPERIMENTS", "SCALES", "Claim", "Lab", "Result", "Scale"]
 
@@ -105,6 +107,9 @@ class Lab:
         self.seeds = [seed + i for i in range(scale.seeds)]
         self.store = store  # a folder keeping every finished run, so that a rerun picks them up
         self._done: dict[Config, Run] = {}
+        # what a kept run depends on besides its configuration: the data's values and the code
+        self.fingerprint = _fingerprint(dataset)
+        self._kept = _read_store(store)  # every kept run, read (and checked) before anything trains
 
     def _configs(self, changes: dict) -> list[Config]:
         return [self.base.replace(seed=seed, **changes) for seed in self.seeds]
@@ -144,30 +149,67 @@ class Lab:
             _WORKER_DATASET = None
 
     def _path(self, config: Config) -> str:
-        key = hashlib.sha1(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
-        return os.path.join(self.store, f"{key}.pt")
+        text = json.dumps({"config": dataclasses.asdict(config), "fingerprint": self.fingerprint}, sort_keys=True)
+        return os.path.join(self.store, f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.pt")
 
     def _finish(self, config: Config, packed: tuple[list[dict], bytes]) -> None:
         self._done[config] = _unpack(config, packed, self.dataset)
         if self.store:
             os.makedirs(self.store, exist_ok=True)
             metrics, state = packed
-            save_atomically(
-                {"config": dataclasses.asdict(config), "metrics": metrics, "state": state}, self._path(config)
-            )
+            kept = {
+                "config": dataclasses.asdict(config), "fingerprint": self.fingerprint, "metrics": metrics,
+                "state": state,
+            }  # fmt: skip
+            save_atomically(kept, self._path(config))
 
     def _load(self, config: Config) -> Run | None:
-        if not self.store or not os.path.exists(self._path(config)):
+        if not self.store:
             return None
-        kept = torch.load(self._path(config), weights_only=False)
-        if kept["config"] != dataclasses.asdict(config):
+        path = self._path(config)
+        kept = self._kept.get(os.path.basename(path))
+        if kept is None or kept["config"] != dataclasses.asdict(config) or kept.get("fingerprint") != self.fingerprint:
             return None
-        return _unpack(config, (kept["metrics"], kept["state"]), self.dataset)
+        try:
+            return _unpack(config, (kept["metrics"], kept["state"]), self.dataset)
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{path}: the kept run does not fit its configuration's model: {first}") from None
 
     def runs(self, **changes) -> list[Run]:
         """One run per seed of the base configuration with ``changes``."""
         self.prefetch(changes)
         return [self._done[config] for config in self._configs(changes)]
+
+
+_KEPT_KEYS = {"config": dict, "metrics": list, "state": bytes}
+
+
+def _read_store(store: str | None) -> dict[str, dict]:
+    """Every kept run in ``store`` by file name; CheckpointError on the first unreadable one."""
+    if not store or not os.path.isdir(store):
+        return {}
+    names = sorted(name for name in os.listdir(store) if name.endswith(".pt"))
+    return {name: load_kept(os.path.join(store, name), _KEPT_KEYS, what="kept run") for name in names}
+
+
+def _fingerprint(dataset: data_module.Dataset) -> str:
+    """A hash of the data's values and of this package's code and its dependencies' versions."""
+    import numba
+    import numpy
+
+    digest = hashlib.sha1()
+    for tensor in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    digest.update(f"torch {torch.__version__} numba {numba.__version__} numpy {numpy.__version__}".encode())
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root, _directories, files in sorted(os.walk(package)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(root, name), "rb") as handle:
+                    digest.update(name.encode() + handle.read())
+    return digest.hexdigest()
 
 
 def _train_one_thread(config: Config, dataset: data_module.Dataset) -> Run:

@@ -102,6 +102,12 @@ def cnn(
     if len(example_shape) not in (2, 3):
         raise ValueError(f"cnn needs (L,), (C, L) or (C, H, W) examples, got shape {example_shape}")
     rank = len(example_shape) - 1
+    least = 2 ** len(channels)  # each block pools by 2
+    if min(example_shape[1:]) < least:
+        raise ValueError(
+            f"cnn pools by 2 in each of its {len(channels)} blocks: it needs examples of at least {least} values "
+            f"along each axis after the channels, got examples of shape {tuple(example_shape)}"
+        )
     conv = nn.Conv1d if rank == 1 else nn.Conv2d
     pool = nn.MaxPool1d if rank == 1 else nn.MaxPool2d
     global_pool = nn.AdaptiveAvgPool1d(1) if rank == 1 else nn.AdaptiveAvgPool2d(1)

@@ -133,6 +133,10 @@ def render(results: list[Result], settings: dict, seconds: float) -> str:
 def write(results: list[Result], out: str, settings: dict, seconds: float) -> str:
     """report.html, one PNG per figure and metrics.json in ``out``; returns the report's path."""
     os.makedirs(out, exist_ok=True)
+    figure = re.compile(rf"^({'|'.join(map(re.escape, EXPERIMENTS))})-\d+\.png$")
+    for name in os.listdir(out):  # an earlier report's figures, which this report may not replace
+        if figure.match(name):
+            os.remove(os.path.join(out, name))
     for result in results:
         for index, png in enumerate(result.figures.values(), start=1):
             with open(os.path.join(out, f"{result.name}-{index}.png"), "wb") as handle:

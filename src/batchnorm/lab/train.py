@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checkpoints, models
 from . import data as data_module
-from . import models
 
 __all__ = ["Config", "Run", "evaluate", "train"]
 
@@ -69,8 +69,16 @@ class Config:
             raise ValueError(f"model must be 'mlp' or 'cnn', got model={self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got lr={self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got lr={self.lr!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be a number in [0, 1), got momentum={self.momentum!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a number in [0, 1), got dropout={self.dropout!r}")
+        if self.bn_momentum is not None and not (
+            isinstance(self.bn_momentum, (int, float)) and 0 <= self.bn_momentum <= 1
+        ):
+            raise ValueError(f"bn_momentum must be in [0, 1] or None, got bn_momentum={self.bn_momentum!r}")
         if self.batch_size < 2 and self.norm != "none":
             raise ValueError(f"batch norm needs batch_size >= 2 in training, got batch_size={self.batch_size}")
         if self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every:
@@ -188,17 +196,34 @@ def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step
     }
 
 
-def save_atomically(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".partial-", suffix=".tmp")
-    os.close(handle)
+_CHECKPOINT_KEYS = {"config": dict, "step": int, "model": dict, "optimizer": dict, "rng": torch.Tensor, "metrics": list}
+
+
+def _resume(path: str, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a checkpoint into ``model`` and ``optimizer`` and torch's generator, after checking
+    that it is one of this configuration; CheckpointError (the file named) otherwise."""
+    state = checkpoints.load(path, _CHECKPOINT_KEYS)
+    if state["config"] != dataclasses.asdict(config):
+        differ = sorted(k for k in dataclasses.asdict(config) if state["config"].get(k) != getattr(config, k))
+        shown = ", ".join(f"{k}={state['config'].get(k)!r} (now {getattr(config, k)!r})" for k in differ)
+        raise checkpoints.CheckpointError(f"resume: {path} was written with another configuration: {shown}")
+    if not 0 < state["step"] <= config.steps:
+        raise checkpoints.CheckpointError(
+            f"resume: {path} is at step {state['step']}, outside 1..{config.steps} (--steps)"
+        )
+    if len(state["metrics"]) != state["step"] // config.eval_every:
+        raise checkpoints.CheckpointError(
+            f"resume: {path} has {len(state['metrics'])} evaluations for step {state['step']}, "
+            f"expected {state['step'] // config.eval_every}"
+        )
     try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise checkpoints.CheckpointError(f"resume: {path} does not fit this configuration's model: {first}") from None
+    return state
 
 
 def write_metrics(run: Run, out: str) -> None:
@@ -235,12 +260,7 @@ def train(
     if resume:
         if checkpoint is None or not os.path.exists(checkpoint):
             raise FileNotFoundError(f"resume: no checkpoint at {checkpoint!r}")
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"resume: {checkpoint} was written with another configuration: {state['config']}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        state = _resume(checkpoint, config, model, optimizer)
         run.metrics = state["metrics"]
         step = state["step"]
     if out:
@@ -276,7 +296,7 @@ def train(
                     "rng": torch.get_rng_state(),
                     "metrics": run.metrics,
                 }
-                save_atomically(state, checkpoint)
+                checkpoints.save_atomically(state, checkpoint)
             if log:
                 log(
                     f"step {step}/{config.steps}: train loss {record['train_loss']:.4f}, "
