@@ -202,3 +202,22 @@ def test_bench_batch_norm_passes_read_before_they_write():
     assert torch.equal(y, x) and torch.equal(leaf.grad, dy + x)
     assert [op for op in forward.ops if op in ("sum", "copy_")] == ["sum", "copy_"]
     assert [op for op in backward.ops if op in ("sum", "add")] == ["sum", "sum", "add"]
+
+
+def test_machine_line_names_each_data_cache_from_sysfs(tmp_path):
+    """bench.caches reads the index entries as sysfs writes them (instruction caches left out,
+    sharing counted from the CPU list), so two machines' tables can be told apart."""
+    entries = [
+        ("1", "Data", "48K", "0"),
+        ("1", "Instruction", "32K", "0"),
+        ("2", "Unified", "1024K", "0"),
+        ("3", "Unified", "32768K", "0-3,8,10-11"),
+    ]
+    for number, (level, kind, size, shared) in enumerate(entries):
+        folder = tmp_path / f"index{number}"
+        folder.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(text + "\n")
+    assert bench.caches(str(tmp_path)) == ["L1d 48 KiB", "L2 1 MiB", "L3 32 MiB (7 CPUs)"]
+    assert bench.caches(str(tmp_path / "missing")) == []
+    assert "cores" in bench.machine() and "torch" in bench.machine()

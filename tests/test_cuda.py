@@ -123,7 +123,7 @@ def test_half_precision_data_through_float32_layers_on_cuda(dtype):
 
 def test_nonfinite_batch_on_cuda_leaves_the_running_statistics():
     """As on the CPU, a NaN or Inf batch leaves every buffer as it was; on the device without
-    a host sync, so without the CPU's warning (README, "On purpose, unlike torch")."""
+    a host sync, so without the CPU's warning (docs/api.md, "Where this differs from torch, on purpose")."""
     module = batchnorm.BatchNorm2d(3).to(CUDA)
     module(torch.randn(4, 3, 2, 2, device=CUDA))
     state = {k: v.clone() for k, v in module.state_dict().items()}

@@ -294,16 +294,63 @@ def mlp_training_step(repeat: int) -> dict[str, float]:
     return _alternating(steps, repeat, budget=3.0)
 
 
+def caches(base: str = "/sys/devices/system/cpu/cpu0/cache") -> list[str]:
+    """CPU 0's data and unified caches from sysfs, smallest first: "L1d 48 KiB", "L2 1 MiB",
+    "L3 32 MiB (2 CPUs)" (how many CPUs share it, where more than one); empty when unknown."""
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            folder = os.path.join(base, entry)
+            fields = {}
+            for name in ("level", "type", "size", "shared_cpu_list"):
+                with contextlib.suppress(OSError), open(os.path.join(folder, name)) as handle:
+                    fields[name] = handle.read().strip()
+            if fields.get("type") == "Instruction" or "size" not in fields:
+                continue
+            size = fields["size"]
+            number = int(size[:-1]) * {"K": 1024, "M": 1024**2}.get(size[-1], 1) if size[-1] in "KM" else int(size)
+            sharing = _cpu_count(fields.get("shared_cpu_list", ""))
+            label = f"L{fields.get('level', '?')}{'d' if fields.get('type') == 'Data' else ''}"
+            found.append((number, f"{label} {_size(number)}" + (f" ({sharing} CPUs)" if sharing > 1 else "")))
+    return [text for _, text in sorted(found)]
+
+
+def _cpu_count(cpu_list: str) -> int:
+    """How many CPUs a sysfs list such as "0-3,8" names."""
+    count = 0
+    for part in filter(None, cpu_list.split(",")):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+def _size(number: int) -> str:
+    return f"{number // 1024**2} MiB" if number % 1024**2 == 0 else f"{number // 1024} KiB"
+
+
+def _memory_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def machine() -> str:
+    """The CPU model, cores, caches, memory and versions: what two tables need to be compared."""
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
         for line in handle:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    memory = _memory_bytes()
     return (
-        f"{model}, {os.cpu_count()} cores, LLC {last_level_cache_bytes() // 1024**2} MiB; "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
+        f"{model}, {os.cpu_count()} cores, {', '.join(caches()) or 'caches unknown'}"
+        + ("" if memory is None else f", {memory / 1024**3:.0f} GiB memory")
+        + f"; torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} "
         f"({numba.threading_layer() if _numba_ran() else 'n/a'} threading layer)"
     )
 

@@ -1,0 +1,33 @@
+"""The README's usage example runs as written, and does what it says."""
+
+import os
+import pathlib
+import re
+
+import torch
+
+import batchnorm
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs_and_its_checkpoint_loads_into_torch(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) == 1, "the README has one usage example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)
+    model = namespace["model"]
+    assert isinstance(model[1], batchnorm.BatchNorm2d) and not model.training
+    # "loads into the torch.nn version too": the same keys and values in torch's layer
+    state = torch.load(os.path.join(tmp_path, "model.pt"), weights_only=True)
+    theirs = torch.nn.BatchNorm2d(16)
+    theirs.load_state_dict({k.removeprefix("1."): v for k, v in state.items() if k.startswith("1.")})
+    torch.testing.assert_close(theirs.running_var, state["1.running_var"])
+    # population_statistics replaced the moving averages by the statistics of the ten batches
+    with torch.no_grad():
+        inputs = torch.cat([model[0](x) for x, _ in namespace["loader"]]).double()
+    torch.testing.assert_close(model[1].running_mean, inputs.mean((0, 2, 3)).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, inputs.var((0, 2, 3)).float(), rtol=1e-5, atol=1e-6)
+    # the functional form updated the buffers it was given in place
+    assert not torch.equal(namespace["mean"], torch.zeros(100))
