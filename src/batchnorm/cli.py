@@ -16,8 +16,8 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"--shape must be comma-separated integers like 64,64,32,32, got {text!r}"
         ) from None
-    if not 2 <= len(shape) <= 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"--shape must have 2 to 4 positive sizes, got {text!r}")
+    if not 2 <= len(shape) <= 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--shape must have 2 to 5 positive sizes, got {text!r}")
     return shape
 
 
@@ -53,7 +53,15 @@ def parser() -> argparse.ArgumentParser:
         help="time this project's batch norm against torch's on the CPU",
         description="Median times of forward-train, forward-eval and forward+backward, with ratios and bandwidth.",
     )
-    bench.add_argument("--shape", type=_shape, action="append", help="a shape to time (repeatable); default: all five")
+    bench.add_argument(
+        "--shape", type=_shape, action="append", help="a shape to time (repeatable; 5 sizes with --sweep only)"
+    )
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="forward+backward over the shapes of real CNNs (ResNet, CIFAR ResNet, MobileNetV2, 1-D, 3-D), "
+        "both layouts, with the worst ratio and the geometric mean",
+    )
     bench.add_argument("--repeat", type=_positive, default=20, help="timed calls per median (default: 20)")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves its compile time)")
     bench.add_argument("--no-interleaved", action="store_true", help="leave out the conv/BN interleaving measurement")
@@ -198,9 +206,18 @@ def _train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "bench":
-        from . import bench
+        if args.sweep:
+            from . import sweep
 
-        text = bench.run(args.shape, args.repeat, not args.no_compile, not args.no_interleaved)
+            shapes = None if args.shape is None else [("--shape", shape) for shape in args.shape]
+            text = sweep.run(args.repeat, shapes)
+        elif any(len(shape) == 5 for shape in args.shape or ()):
+            print("error: --shape with 5 sizes needs --sweep", file=sys.stderr)
+            return 2
+        else:
+            from . import bench
+
+            text = bench.run(args.shape, args.repeat, not args.no_compile, not args.no_interleaved)
         print(text)
         if args.out:
             with open(args.out, "w") as handle:
