@@ -349,3 +349,42 @@ def test_unrecorded_calls_skip_autograd_and_match_torch(context, layout, kernel_
         torch.testing.assert_close(y1, y2, **tolerance(torch.float32))
         for name, buffer in theirs.named_buffers():
             torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("extra", [0, 37, cpu.SPAN - 1])
+def test_rows_of_several_spans_against_the_float64_oracle(extra, monkeypatch):
+    """Rows longer than cpu.SPAN are summed span by span (cpu._row_sums): whole spans, then the
+    rest. Channel-major kernels (the route of long rows), float32 data far from zero, against
+    the float64 algorithm: the statistics (momentum 1: the running buffers are the batch's),
+    the output, and all gradients."""
+    monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
+    length = 2 * cpu.SPAN + extra
+    torch.manual_seed(extra)
+    x = (torch.randn(3, 4, length) * 2 + 1000).requires_grad_(True)
+    dy = torch.randn(3, 4, length)
+    layer = OURS[3](4, momentum=1.0)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    y = layer(x)
+    y.backward(dy)
+    x64 = x.detach().double()
+    torch.testing.assert_close(layer.running_mean.double(), x64.mean((0, 2)), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(layer.running_var.double(), x64.var((0, 2)) * 1.0, rtol=1e-5, atol=1e-6)
+    expected_y = oracle.train_forward(x.detach(), layer.weight, layer.bias)[0]
+    # x - mean in float32 at 1000: one ulp there is 6.1e-5
+    torch.testing.assert_close(y.detach().double(), expected_y, rtol=1e-5, atol=1e-4)
+    dx, dgamma, dbeta = oracle.train_backward(dy, x.detach(), layer.weight)
+    torch.testing.assert_close(x.grad.double(), dx, rtol=1e-4, atol=1e-5)
+    # the parameter gradients are sums of 3 * length terms that cancel: held to float32's
+    # rounding of those terms (1e-6 of their absolute sum), which torch's layer also needs
+    xhat = (x64 - x64.mean((0, 2), keepdim=True)) / (x64.var((0, 2), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    mass_gamma = (dy.double() * xhat).abs().sum((0, 2))
+    mass_beta = dy.double().abs().sum((0, 2))
+    assert ((layer.weight.grad.double() - dgamma).abs() <= 1e-6 * mass_gamma).all()
+    assert ((layer.bias.grad.double() - dbeta).abs() <= 1e-6 * mass_beta).all()
+    theirs = TORCH[3](4, momentum=1.0)
+    theirs.load_state_dict(layer.state_dict())
+    leaf = x.detach().requires_grad_(True)
+    theirs(leaf).backward(dy)
+    assert ((theirs.weight.grad.double() - dgamma).abs() <= 1e-6 * mass_gamma).all()
