@@ -93,7 +93,7 @@ def _add_lab(commands) -> None:
         "reproduce",
         help="run all seven experiments and write report.html",
         description="Train networks with and without batch norm, test each claim, and write report.html, "
-        "the figures and metrics.json (quick scale: a few minutes on 2 cores).",
+        "the figures and metrics.json (quick scale: about a minute on 2 cores).",
     )
     _lab_options(reproduce)
     experiment = commands.add_parser(
