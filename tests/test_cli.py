@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batchnorm import bench, cli
+from batchnorm import bench, cli, launch
 from batchnorm.buffers import pool
 
 
@@ -220,4 +220,5 @@ def test_machine_line_names_each_data_cache_from_sysfs(tmp_path):
             (folder / name).write_text(text + "\n")
     assert bench.caches(str(tmp_path)) == ["L1d 48 KiB", "L2 1 MiB", "L3 32 MiB (7 CPUs)"]
     assert bench.caches(str(tmp_path / "missing")) == []
+    assert [launch.cache_size_bytes(t) for t in ("48K\n", "32M", "4096")] == [48 * 1024, 32 * 1024**2, 4096]
     assert "cores" in bench.machine() and "torch" in bench.machine()

@@ -25,8 +25,8 @@ import numba
 import torch
 
 from .buffers import pool
-from .launch import last_level_cache_bytes
-from .layers import BatchNorm1d, BatchNorm2d
+from .launch import cache_size_bytes, last_level_cache_bytes
+from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 SHAPES = [(64, 64, 32, 32), (32, 256, 14, 14), (64, 64, 56, 56), (256, 1024), (128, 16, 40)]
 OPERATIONS = ("forward-train", "forward-eval", "forward+backward")
@@ -61,14 +61,24 @@ def copy_bandwidth(repeat: int) -> tuple[float, int]:
     return 2 * size / seconds, 2 * size
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
+    """``x`` in ``layout``: "channels_last" (channels_last_3d for 5-D data), else contiguous."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+    return x.contiguous()
+
+
+_MODULES = {2: (BatchNorm1d, torch.nn.BatchNorm1d), 3: (BatchNorm1d, torch.nn.BatchNorm1d)}
+_MODULES |= {4: (BatchNorm2d, torch.nn.BatchNorm2d), 5: (BatchNorm3d, torch.nn.BatchNorm3d)}
 
 
 def _modules(channels: int, rank: int):
-    ours = (BatchNorm2d if rank == 4 else BatchNorm1d)(channels)
-    theirs = (torch.nn.BatchNorm2d if rank == 4 else torch.nn.BatchNorm1d)(channels)
-    return ours, theirs
+    """This project's layer and torch's for data of ``rank`` dimensions."""
+    ours, theirs = _MODULES[rank]
+    return ours(channels), theirs(channels)
 
 
 def _operation(module: torch.nn.Module, x: torch.Tensor, operation: str) -> Callable[[], object]:
@@ -309,8 +319,7 @@ def caches(base: str = "/sys/devices/system/cpu/cpu0/cache") -> list[str]:
                     fields[name] = handle.read().strip()
             if fields.get("type") == "Instruction" or "size" not in fields:
                 continue
-            size = fields["size"]
-            number = int(size[:-1]) * {"K": 1024, "M": 1024**2}.get(size[-1], 1) if size[-1] in "KM" else int(size)
+            number = cache_size_bytes(fields["size"])
             sharing = _cpu_count(fields.get("shared_cpu_list", ""))
             label = f"L{fields.get('level', '?')}{'d' if fields.get('type') == 'Data' else ''}"
             found.append((number, f"{label} {_size(number)}" + (f" ({sharing} CPUs)" if sharing > 1 else "")))
@@ -363,6 +372,16 @@ def _numba_ran() -> bool:
         return False
 
 
+def header(bandwidth: float, copy_bytes: int) -> list[str]:
+    """The machine line and the copy bandwidth, then a blank line: how every table starts."""
+    return [
+        f"Machine: {machine()}",
+        "",
+        f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s",
+        "",
+    ]
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
 
@@ -375,13 +394,11 @@ def report(
     mlp_step: dict[str, float] | None = None,
     half: list[Row] | None = None,
 ) -> str:
-    lines = [f"Machine: {machine()}", ""]
-    lines.append(f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s")
-    lines.append("")
+    lines = header(bandwidth, copy_bytes)
     names = list(dict.fromkeys(name for row in rows for name in row.times))
-    header = ["shape", "layout", "operation", *[f"{n} (ms)" for n in names], "same layout / ours", "best torch / ours"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
+    columns = ["shape", "layout", "operation", *[f"{n} (ms)" for n in names], "same layout / ours", "best torch / ours"]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for row in rows:
         ours = row.times["batchnorm"]
         same = row.times.get({"NCHW": "torch NCHW", "channels_last": "torch channels_last"}.get(row.layout, "torch"))

@@ -58,6 +58,13 @@ def sync_threads() -> int:
     return wanted
 
 
+def cache_size_bytes(text: str) -> int:
+    """A sysfs cache size ("48K", "32M" or plain bytes) in bytes."""
+    text = text.strip()
+    unit = {"K": 1024, "M": 1024**2}.get(text[-1:])
+    return int(text) if unit is None else int(text[:-1]) * unit
+
+
 def last_level_cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
     """The largest cache of CPU 0 in bytes, from sysfs (``index*/size``); 32 MiB when unknown."""
     sizes = []
@@ -65,8 +72,7 @@ def last_level_cache_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> 
         for entry in os.listdir(base):
             if entry.startswith("index"):
                 with open(os.path.join(base, entry, "size")) as handle:
-                    text = handle.read().strip()
-                sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}.get(text[-1], 1))
+                    sizes.append(cache_size_bytes(handle.read()))
     except (OSError, ValueError):
         return 32 * 1024**2
     return max(sizes) if sizes else 32 * 1024**2

@@ -14,31 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from . import bench
-from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-# (where the shape comes from, shape)
-SHAPES: list[tuple[str, tuple[int, ...]]] = [
-    ("ResNet-18/50 at 224, batch 32", (32, 64, 56, 56)),
-    ("ResNet-18/50 at 224, batch 32", (32, 128, 28, 28)),
-    ("ResNet-18/50 at 224, batch 32", (32, 256, 14, 14)),
-    ("ResNet-18/50 at 224, batch 32", (32, 512, 7, 7)),
-    ("ResNet-50 bottleneck, batch 32", (32, 256, 56, 56)),
-    ("ResNet-50 bottleneck, batch 32", (32, 512, 28, 28)),
-    ("ResNet-50 bottleneck, batch 32", (32, 1024, 14, 14)),
-    ("ResNet-50 bottleneck, batch 32", (32, 2048, 7, 7)),
-    ("CIFAR ResNet-20/56, batch 128", (128, 16, 32, 32)),
-    ("CIFAR ResNet-20/56, batch 128", (128, 32, 16, 16)),
-    ("CIFAR ResNet-20/56, batch 128", (128, 64, 8, 8)),
-    ("MobileNetV2-like, batch 32", (32, 96, 56, 56)),
-    ("MobileNetV2-like, batch 32", (32, 144, 28, 28)),
-    ("1-D signals", (64, 128, 100)),
-    ("1-D features", (256, 512)),
-    ("3-D volumes", (8, 32, 16, 16, 16)),
-]
-
-_MODULES = {2: (BatchNorm1d, torch.nn.BatchNorm1d), 3: (BatchNorm1d, torch.nn.BatchNorm1d)}
-_MODULES |= {4: (BatchNorm2d, torch.nn.BatchNorm2d), 5: (BatchNorm3d, torch.nn.BatchNorm3d)}
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# where the shapes come from: the shapes
+SOURCES: dict[str, list[tuple[int, ...]]] = {
+    "ResNet-18/50 at 224, batch 32": [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)],
+    "ResNet-50 bottleneck, batch 32": [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)],
+    "CIFAR ResNet-20/56, batch 128": [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)],
+    "MobileNetV2-like, batch 32": [(32, 96, 56, 56), (32, 144, 28, 28)],
+    "1-D signals": [(64, 128, 100)],
+    "1-D features": [(256, 512)],
+    "3-D volumes": [(8, 32, 16, 16, 16)],
+}
+SHAPES: list[tuple[str, tuple[int, ...]]] = [(source, shape) for source, shapes in SOURCES.items() for shape in shapes]
 
 
 @dataclass
@@ -56,30 +43,23 @@ class SweepRow:
 
     @property
     def vs_best(self) -> float:
-        return min(self.same, self.other or math.inf) / self.ours
-
-
-def _in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
-    return x.contiguous()
+        return min(self.same, math.inf if self.other is None else self.other) / self.ours
 
 
 def layouts(shape: tuple[int, ...]) -> list[str]:
-    return ["NCHW", "channels_last"] if len(shape) in _CHANNELS_LAST else ["contiguous"]
+    return ["NCHW", "channels_last"] if len(shape) in bench._CHANNELS_LAST else ["contiguous"]
 
 
 def measure(shapes=None, repeat: int = 20) -> list[SweepRow]:
     rows = []
     for source, shape in shapes or SHAPES:
-        ours_class, torch_class = _MODULES[len(shape)]
-        ours, theirs = ours_class(shape[1]), torch_class(shape[1])
+        ours, theirs = bench._modules(shape[1], len(shape))
         base = torch.randn(shape)
         kinds = layouts(shape)
         for layout in kinds:
-            calls = {"ours": bench._operation(ours, _in_layout(base, layout), "forward+backward")}
+            calls = {"ours": bench._operation(ours, bench._layout(base, layout), "forward+backward")}
             for other in kinds:
-                calls[other] = bench._operation(theirs, _in_layout(base, other), "forward+backward")
+                calls[other] = bench._operation(theirs, bench._layout(base, other), "forward+backward")
             times = bench._alternating(calls, repeat, per_round=1)
             other = next((times[k] for k in kinds if k != layout), None)
             rows.append(SweepRow(source, shape, layout, times["ours"], times[layout], other))
@@ -91,9 +71,8 @@ def _geometric_mean(values: list[float]) -> float:
 
 
 def report(rows: list[SweepRow], bandwidth: float, copy_bytes: int) -> str:
-    lines = [f"Machine: {bench.machine()}", ""]
-    lines.append(f"Memory copy over {copy_bytes // 1024**2} MiB (read + write): {bandwidth / 1e9:.1f} GB/s")
-    lines += ["", "Forward+backward, float32, medians of interleaved rounds:", ""]
+    lines = bench.header(bandwidth, copy_bytes)
+    lines += ["Forward+backward, float32, medians of interleaved rounds:", ""]
     lines.append(
         "| source | shape | layout | batchnorm (ms) | torch, same layout (ms) | torch, other layout (ms) "
         "| same layout / ours | faster torch / ours |"
