@@ -16,7 +16,18 @@ def test_bench_prints_a_filled_table(capsys, tmp_path):
     out = tmp_path / "bench.md"
     assert (
         cli.main(
-            ["bench", "--shape", "128,16,40", "--repeat", "2", "--no-compile", "--no-interleaved", "--out", str(out)]
+            [
+                "bench",
+                "--shape",
+                "128,16,40",
+                "--repeat",
+                "2",
+                "--no-compile",
+                "--no-interleaved",
+                "--no-models",
+                "--out",
+                str(out),
+            ]
         )
         == 0
     )
@@ -33,7 +44,10 @@ def test_bench_prints_a_filled_table(capsys, tmp_path):
 def test_bench_times_half_precision_for_4d_shapes(capsys):
     """A 4-D shape gets float16 and bfloat16 rows (NCHW, ours against torch's); the ratio
     is torch's time over ours."""
-    assert cli.main(["bench", "--shape", "4,8,6,6", "--repeat", "1", "--no-compile", "--no-interleaved"]) == 0
+    assert (
+        cli.main(["bench", "--shape", "4,8,6,6", "--repeat", "1", "--no-compile", "--no-interleaved", "--no-models"])
+        == 0
+    )
     text = capsys.readouterr().out
     rows = re.findall(
         r"^\| 4x8x6x6 \| (float16|bfloat16) \| ([a-z+-]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$", text, re.M
@@ -62,7 +76,10 @@ def test_bad_shape(capsys):
 
 
 def test_bench_reports_the_mlp_training_step(capsys):
-    assert cli.main(["bench", "--shape", "128,16,40", "--repeat", "1", "--no-compile", "--no-interleaved"]) == 0
+    assert (
+        cli.main(["bench", "--shape", "128,16,40", "--repeat", "1", "--no-compile", "--no-interleaved", "--no-models"])
+        == 0
+    )
     text = capsys.readouterr().out
     match = re.search(
         r"- batchnorm ([\d.]+), torch.nn.BatchNorm1d ([\d.]+) \(([\d.]+)x\), no batch norm ([\d.]+)", text
@@ -222,3 +239,33 @@ def test_machine_line_names_each_data_cache_from_sysfs(tmp_path):
     assert bench.caches(str(tmp_path / "missing")) == []
     assert [launch.cache_size_bytes(t) for t in ("48K\n", "32M", "4096")] == [48 * 1024, 32 * 1024**2, 4096]
     assert "cores" in bench.machine() and "torch" in bench.machine()
+
+
+def test_bench_reports_the_resnet20_steps(capsys):
+    """The model rows: a CIFAR ResNet-20's training step and eval forward, both layouts, the
+    ratio torch's time over ours as printed."""
+    assert cli.main(["bench", "--shape", "128,16,40", "--repeat", "1", "--no-compile", "--no-interleaved"]) == 0
+    text = capsys.readouterr().out
+    rows = re.findall(r"^- (\S+ \w+): batchnorm ([\d.]+), torch.nn.BatchNorm2d ([\d.]+) \(([\d.]+)x\)$", text, re.M)
+    assert [name for name, *_ in rows] == ["NCHW train", "NCHW eval", "channels_last train", "channels_last eval"]
+    for _, ours, theirs, ratio in rows:
+        assert float(ours) > 0 and abs(float(theirs) / float(ours) - float(ratio)) <= 0.01 + 1e-3 / float(ours)
+
+
+def test_resnet20_is_the_papers_network():
+    """He et al.'s CIFAR ResNet-20: 19 convolutions and one linear layer (20 weighted layers,
+    plus two 1x1 shortcut convolutions), 0.27M parameters, 10 logits from a 32x32 image; its
+    batch-norm layers are the class it is given."""
+    import torch
+
+    from batchnorm import BatchNorm2d
+    from batchnorm.cifar_resnet import resnet20
+
+    model = resnet20(BatchNorm2d)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(m.kernel_size == (3, 3) for m in convs) == 19 and len(convs) == 21
+    assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
+    assert all(
+        isinstance(m, BatchNorm2d) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    )
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

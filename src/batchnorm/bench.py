@@ -304,6 +304,44 @@ def mlp_training_step(repeat: int) -> dict[str, float]:
     return _alternating(steps, repeat, budget=3.0)
 
 
+def resnet_steps(repeat: int, batch: int = 128) -> dict[str, dict[str, float]]:
+    """A CIFAR ResNet-20 (cifar_resnet.resnet20) at ``batch``, its every batch norm torch's or
+    this project's (the same initial weights): an SGD training step, and an eval forward
+    under no_grad, in NCHW and channels_last; each layout's two models in alternating rounds.
+    Returns {"<layout> train" or "<layout> eval": {"torch": s, "batchnorm": s}}."""
+    from .cifar_resnet import resnet20
+
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    times = {}
+    for layout in ("NCHW", "channels_last"):
+        data = _layout(x, layout)
+        steps, evals = {}, {}
+        for name, norm in (("torch", torch.nn.BatchNorm2d), ("batchnorm", BatchNorm2d)):
+            torch.manual_seed(0)
+            model = resnet20(norm)
+            if layout == "channels_last":
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+            def step(model=model, optimizer=optimizer, data=data):
+                model.train()
+                loss = torch.nn.functional.cross_entropy(model(data), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            def forward(model=model, data=data):
+                model.eval()
+                with torch.no_grad():
+                    model(data)
+
+            steps[name], evals[name] = step, forward
+        times[f"{layout} train"] = _alternating(steps, repeat, per_round=1, budget=0.0)
+        times[f"{layout} eval"] = _alternating(evals, repeat, per_round=1, budget=0.0)
+    return times
+
+
 def caches(base: str = "/sys/devices/system/cpu/cpu0/cache") -> list[str]:
     """CPU 0's data and unified caches from sysfs, smallest first: "L1d 48 KiB", "L2 1 MiB",
     "L3 32 MiB (2 CPUs)" (how many CPUs share it, where more than one); empty when unknown."""
@@ -393,6 +431,7 @@ def report(
     mixed: dict[str, float] | None,
     mlp_step: dict[str, float] | None = None,
     half: list[Row] | None = None,
+    resnet: dict[str, dict[str, float]] | None = None,
 ) -> str:
     lines = header(bandwidth, copy_bytes)
     names = list(dict.fromkeys(name for row in rows for name in row.times))
@@ -476,13 +515,23 @@ def report(
             f"- batchnorm {_ms(mlp_step['bn'])}, torch.nn.BatchNorm1d {_ms(mlp_step['torch'])} "
             f"({mlp_step['torch'] / mlp_step['bn']:.2f}x), no batch norm {_ms(mlp_step['none'])}"
         )
+    if resnet:
+        lines += ["", "CIFAR ResNet-20, batch 128 (SGD training step; eval forward under no_grad), medians in ms:"]
+        for name, pair in resnet.items():
+            lines.append(
+                f"- {name}: batchnorm {_ms(pair['batchnorm'])}, torch.nn.BatchNorm2d {_ms(pair['torch'])} "
+                f"({pair['torch'] / pair['batchnorm']:.2f}x)"
+            )
     return "\n".join(lines)
 
 
-def run(shapes=None, repeat: int = 20, with_compile: bool = True, with_interleaved: bool = True) -> str:
+def run(
+    shapes=None, repeat: int = 20, with_compile: bool = True, with_interleaved: bool = True, with_models: bool = True
+) -> str:
     shapes = shapes or SHAPES
     bandwidth, copy_bytes = copy_bandwidth(repeat)
     rows = measure(shapes, repeat, with_compile)
     half = half_precision(shapes, repeat)
     mixed = interleaved(repeat) if with_interleaved else None
-    return report(rows, bandwidth, copy_bytes, mixed, mlp_training_step(repeat), half)
+    resnet = resnet_steps(repeat) if with_models else None
+    return report(rows, bandwidth, copy_bytes, mixed, mlp_training_step(repeat), half, resnet)

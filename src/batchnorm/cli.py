@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=_positive, default=20, help="timed calls per median (default: 20)")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves its compile time)")
     bench.add_argument("--no-interleaved", action="store_true", help="leave out the conv/BN interleaving measurement")
+    bench.add_argument("--no-models", action="store_true", help="leave out the CIFAR ResNet-20 steps")
     bench.add_argument("--out", help="also write the report to this file")
     _add_train(commands)
     _add_lab(commands)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from . import bench
 
-            text = bench.run(args.shape, args.repeat, not args.no_compile, not args.no_interleaved)
+            text = bench.run(args.shape, args.repeat, not args.no_compile, not args.no_interleaved, not args.no_models)
         print(text)
         if args.out:
             with open(args.out, "w") as handle:
