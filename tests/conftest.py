@@ -28,9 +28,9 @@ def tolerance(dtype):
 @pytest.fixture(autouse=True)
 def _seed_and_numba_kernels(monkeypatch):
     """Every test runs the Numba kernels for any size, also on the small inputs that in
-    use go to torch's kernel (ops.SMALL_INPUT); test_small_inputs.py tests that path."""
+    use go to torch's kernel (route.py, crossover.py); test_small_inputs.py tests that path."""
     torch.manual_seed(0)
-    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 0)
+    monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", 0)
 
 
 @pytest.fixture(params=["in memory order", "channel-major", "folded"])

@@ -267,7 +267,7 @@ def test_which_short_rows_are_folded():
     """launch.folds: rows of at most 36 bytes with C * B values of the compute dtype in at
     most 32 KiB, or rows of at most 64 bytes with columns in at most 16 KiB; at least 4 * B
     rows. Such data goes to the folded kernels."""
-    assert launch.folds(256, 512, 4, 4) and launch._family(256, 512, 4, 4) == "folded"  # 2x2 maps
+    assert launch.folds(256, 512, 4, 4) and launch.family(256, 512, 4, 4) == "folded"  # 2x2 maps
     assert launch.folds(128, 128, 9, 4)  # 3x3 float32 maps, 36 bytes
     assert launch.folds(64, 2048, 4, 4) and not launch.folds(64, 2049, 4, 4)  # 8192 columns of float32
     assert launch.folds(64, 1024, 4, 8) and not launch.folds(64, 1025, 4, 8)  # 4096 of float64
@@ -278,11 +278,11 @@ def test_which_short_rows_are_folded():
     assert launch.folds(128, 256, 16, 4) and not launch.folds(128, 257, 16, 4)  # 4x4 float32 maps
     assert launch.folds(64, 256, 8, 8) and not launch.folds(64, 257, 8, 8)  # float64 rows of 8
     assert launch.folds(64, 128, 10, 4) and not launch.folds(64, 410, 10, 4)
-    assert not launch.folds(1024, 16, 17, 4) and launch._family(1024, 16, 17, 4) == "stream"  # 68 bytes
+    assert not launch.folds(1024, 16, 17, 4) and launch.family(1024, 16, 17, 4) == "stream"  # 68 bytes
     assert not launch.folds(1024, 16, 9, 8)  # float64 rows of 72 bytes
     assert launch.folds(16, 512, 4, 4) and not launch.folds(15, 512, 4, 4)  # at least 4 * B rows
     assert launch.folds(64, 256, 16, 4) and not launch.folds(63, 256, 16, 4)
-    assert launch._family(256, 512, 1, 4) == "rows"
+    assert launch.family(256, 512, 1, 4) == "rows"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -335,7 +335,7 @@ def test_last_level_cache_bytes_reads_the_index_entries(tmp_path):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_unrecorded_calls_skip_autograd_and_match_torch(context, layout, kernel_order):
     """Calls autograd does not record go to the kernels without the autograd.Function
-    (ops._recorded): same outputs and running statistics as torch's layer, no grad_fn."""
+    (route._recorded): same outputs and running statistics as torch's layer, no grad_fn."""
     ours, theirs = twins(4, torch.float32, affine=context != "nothing requires grad")
     manager = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(context, torch.enable_grad)
     for mode in ("train", "train", "eval"):

@@ -126,7 +126,7 @@ def test_make_fx_graph_has_one_op_per_call():
 @pytest.mark.parametrize("mode", ["train without running statistics", "eval"])
 def test_torch_func_grad_and_vmap_match_torch(mode, layout):
     """Under torch.func transforms the layer runs the differentiable torch ops of
-    kernels/reference.py (ops._transformed): grad and vmap agree with torch's layer."""
+    kernels/reference.py (route._transformed): grad and vmap agree with torch's layer."""
     kwargs = {"track_running_stats": False} if mode != "eval" else {}
     ours, theirs = batchnorm.BatchNorm2d(3, **kwargs), torch.nn.BatchNorm2d(3, **kwargs)
     if mode == "eval":

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import batchnorm
+import routing
 
 SHAPES = [(16, 4), (64, 4, 32, 32)]  # below the small-input threshold, and above it (the kernels)
 
 
 @pytest.fixture(autouse=True)
 def _routing(monkeypatch):
-    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)  # conftest sets 0; keep both routes
+    monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", routing.TABLE)  # conftest sets 0; keep both routes
 
 
 def _inputs(shape, dtype):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import batchnorm
+import routing
 from batchnorm import functional as F
 
 
@@ -122,7 +123,7 @@ def test_per_channel_tensor_on_another_device(name, training, shape, monkeypatch
     """A parameter or buffer on another device than the input is refused, as torch's layer
     refuses it, by name (the meta device stands in for a GPU), whether the input is small
     (torch's kernel) or not; the CPU's state is left as it was."""
-    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", routing.TABLE)
     module = batchnorm.BatchNorm(3)
     module(torch.randn(shape) + 1)
     module.train(training)
@@ -143,7 +144,7 @@ def test_per_channel_tensor_on_another_device(name, training, shape, monkeypatch
 @pytest.mark.parametrize("shape", [(60, 3), (4, 3, 40, 40)], ids=["small", "kernels"])
 def test_counter_on_another_device(shape, monkeypatch):
     """num_batches_tracked too (torch's layer adds 1 to it wherever it is, then normalizes)."""
-    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", routing.TABLE)
     module = batchnorm.BatchNorm(3)
     module.num_batches_tracked = module.num_batches_tracked.to("meta")
     with pytest.raises(RuntimeError, match="^num_batches_tracked is on device meta, not on the input's device cpu$"):

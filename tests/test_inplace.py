@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 import batchnorm
-from batchnorm import launch, ops
+import routing
+from batchnorm import crossover, launch
 
-# each on one side of a routing threshold (ops.SMALL_INPUT 2^18, ops.RECORDED_KERNELS 2^17,
-# ops.UNRECORDED_KERNELS 2^15 in rows of 8, ops.FOLDED_KERNELS 2^15, launch.STREAM_MAX_BYTES)
+# each on one side of a threshold of routing.TABLE (torch's kernel up to 2^18 values, the
+# kernels for maps from 2^17 recorded and 2^15 not, for folded rows from 2^15) or of
+# launch.STREAM_MAX_BYTES
 SHAPES = [
     (16, 4),  # torch's kernel
     (1024, 512),  # 2^19 values: the rows kernels
@@ -40,7 +42,7 @@ def _cases():
 
 @pytest.fixture(autouse=True)
 def _default_routing(monkeypatch):
-    monkeypatch.setattr(ops, "SMALL_INPUT", 1 << 18)
+    monkeypatch.setattr(crossover, "OVERRIDE", routing.TABLE)
 
 
 @pytest.mark.parametrize("shape,layout", list(_cases()))

@@ -133,11 +133,12 @@ def test_unknown_experiment_and_scale(tmp_path):
 def test_worker_processes_give_the_same_numbers(tmp_path, monkeypatch):
     """jobs=2 trains in forked workers with one torch thread each, as jobs=1 does in-process.
 
-    With the default SMALL_INPUT the MLP's batch norm takes torch's kernel in both (forked
-    workers never launch the Numba kernels, whose sums may differ in the last bits)."""
-    from batchnorm import ops
+    With routing.TABLE the MLP's batch norm takes torch's kernel in both (forked workers
+    never launch the Numba kernels, whose sums may differ in the last bits)."""
+    import routing
+    from batchnorm import crossover
 
-    monkeypatch.setattr(ops, "SMALL_INPUT", 1 << 18)
+    monkeypatch.setattr(crossover, "OVERRIDE", routing.TABLE)
     names = ["fig1", "placement"]
     serial, _ = report.reproduce(names, scale="tiny", out=str(tmp_path / "one"), log=None, jobs=1)
     parallel, _ = report.reproduce(names, scale="tiny", out=str(tmp_path / "two"), log=None, jobs=2)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import batchnorm
+import routing
 from batchnorm import functional as F
 from batchnorm.kernels import reference
 
@@ -291,19 +292,19 @@ def _nan_batch():
 
 @pytest.mark.parametrize(
     "path",
-    ["update in the kernel call", "torch-ops update", "small one call", "functional small"],
+    ["update in the kernel call", "torch-ops update", "small layer", "functional small"],
 )
 def test_nonfinite_warning_points_at_the_callers_line(path, monkeypatch):
-    """Each place that refuses the update (in order: ops._train_cpu after the kernel call,
-    ops._update_with_torch, ops.train_tracked_small, ops._update_at from ops.train's small
-    branch) attributes the warning to the line that called the layer or batch_norm, not to
+    """Each place that refuses the update (in order: route._train_cpu after the kernel call,
+    ops.update_with_torch, ops.update_from_batch after torch's kernel, from the layer and from
+    functional.batch_norm) attributes the warning to the line that called the layer or batch_norm, not to
     a line of this package or of torch, however deep it sits."""
     module = batchnorm.BatchNorm2d(3)
     x = _nan_batch()
     if path == "torch-ops update":  # strided buffers, which no kernel takes
         module.running_mean, module.running_var = torch.zeros(6)[::2], torch.ones(6)[::2]
-    elif path in ("small one call", "functional small"):
-        monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    elif path in ("small layer", "functional small"):
+        monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", routing.TABLE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if path == "functional small":

@@ -164,7 +164,7 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
         if pooled:
             launch.NONTEMPORAL_MIN_BYTES = pool.min_bytes = 0
         with mode:
-            assert batchnorm.ops.eager(x) is not through_ops
+            assert batchnorm.route.eager(x) is not through_ops
             y = batchnorm.functional.batch_norm(
                 x, running_mean, running_var, weight, bias, training=True, momentum=0.3, axis=axis
             )

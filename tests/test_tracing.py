@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import batchnorm
+import routing
 from batchnorm import functional as F
 
 SHAPES = [(4, 3, 10, 10), (64, 3, 34, 34)]  # torch's kernel, the Numba kernels
@@ -15,7 +16,7 @@ SHAPES = [(4, 3, 10, 10), (64, 3, 34, 34)]  # torch's kernel, the Numba kernels
 
 @pytest.fixture(autouse=True)
 def _routing(monkeypatch):
-    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)  # conftest sets 0; keep both routes
+    monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", routing.TABLE)  # conftest sets 0; keep both routes
 
 
 def _pair():

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 import batchnorm
+import routing
 
 import oracle
 
@@ -291,7 +292,7 @@ def test_nn_raises_error_if_tensor_is_not_same_size_as_input(impl, name, size):
 def test_nn_raises_error_if_running_stats_have_forward_grad(impl, shape, training, monkeypatch):
     """Forward-mode AD: a tangent on the input works; tangents on the running statistics
     together with one on the input are refused (torch's words)."""
-    monkeypatch.setattr(batchnorm.ops, "SMALL_INPUT", 1 << 18)
+    monkeypatch.setattr(batchnorm.crossover, "OVERRIDE", routing.TABLE)
     args = (torch.randn(shape), torch.randn(2), torch.rand(2) + 0.5)
     fn = partial(FUNCTIONAL[impl], training=training, momentum=0.1)
     for dual_indices in ((0,), (1,), (1, 2), (0, 1), (0, 1, 2)):

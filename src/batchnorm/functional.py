@@ -32,7 +32,7 @@ import numbers
 
 import torch
 
-from . import ops
+from . import route
 
 Tensor = torch.Tensor
 
@@ -71,6 +71,9 @@ def check_eps(eps: float) -> None:
 def check_options(momentum: float | None, eps: float, training: bool) -> None:
     """torch's rule for eps: positive in training, non-negative in evaluation (torch's words);
     momentum as check_momentum, in training only (evaluation does not use it)."""
+    if type(eps) is float and (momentum is None or type(momentum) is float and 0.0 <= momentum <= 1.0):
+        if eps > 0.0 if training else eps >= 0.0:  # the common case, in one test (on every call)
+            return
     check_eps(eps)
     if training:
         check_momentum(momentum)
@@ -117,6 +120,22 @@ def check_channel_tensors(
     - running_mean and running_var together, and neither requiring a gradient while
       autograd records (batch norm is not differentiable with respect to them).
     """
+    dtype = input.dtype
+    if dtype is torch.float32 or dtype is torch.float64:  # the common case, in few tests (on every call)
+        if running_mean is None:
+            running = running_var is None
+        else:
+            running = (
+                running_var is not None and running_mean.dtype is dtype and running_var.dtype is dtype
+                and running_mean.numel() == channels and running_var.numel() == channels
+                and not (running_mean.requires_grad or running_var.requires_grad)
+            )  # fmt: skip
+        if (
+            running
+            and (weight is None or weight.dtype is dtype and weight.numel() == channels)
+            and (bias is None or bias.dtype is dtype and bias.numel() == channels)
+        ):
+            return
     named = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
     first = None  # the first tensor given, (name, dtype): the others take its dtype
     for name, tensor in named:
@@ -174,9 +193,6 @@ def batch_norm(
         return input.tracer.create_proxy(
             "call_function", batch_norm, args, {"num_batches_tracked": num_batches_tracked}
         )
-    axis = check_input(input, axis)
-    check_options(momentum, eps, training)
-    check_channel_tensors(input, input.shape[axis], running_mean, running_var, weight, bias)
     return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
 
 
@@ -191,17 +207,27 @@ def normalize(
     eps: float,
     axis: int,
     num_batches_tracked: Tensor | None,
+    layer=None,
 ) -> Tensor:
-    """batch_norm after its argument checks: ``axis`` non-negative, every size right.
+    """batch_norm with every argument given: the checks, then route.normalize.
 
-    The modules call this directly, having checked their own input.
+    The modules call this with ``layer`` (themselves): the input's channels must then be
+    their ``num_features``, and an error names the layer.
     """
+    axis = check_input(input, axis)
+    channels = input.shape[axis]
+    if layer is not None and channels != layer.num_features:
+        raise ValueError(
+            f"{type(layer).__name__}(num_features={layer.num_features}) expected input with "
+            f"{layer.num_features} channels on axis {layer.axis}, got {channels} "
+            f"(input size {tuple(input.shape)})"
+        )
+    check_options(momentum, eps, training)
+    check_channel_tensors(input, channels, running_mean, running_var, weight, bias)
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode (training=False)")
-        return ops.evaluate(input, running_mean, running_var, weight, bias, eps, axis)
-
-    channels = input.shape[axis]
+        return route.normalize(input, weight, bias, eps, axis, False, (running_mean, running_var, None, 0, 0.0))
     count = input.numel() // channels if channels else 0
     if count == 1:
         raise ValueError(
@@ -215,4 +241,4 @@ def normalize(
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = -1.0 if momentum is None else float(momentum)
         running = (running_mean, running_var, num_batches_tracked, count, factor)
-    return ops.train(input, weight, bias, eps, axis, running)
+    return route.normalize(input, weight, bias, eps, axis, True, running)

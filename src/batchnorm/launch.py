@@ -132,7 +132,7 @@ def folds(A: int, C: int, B: int, itemsize: int) -> bool:
     return any(row <= most_row and columns <= most_columns for most_row, most_columns in FOLD_LIMITS)
 
 
-def _family(A: int, C: int, B: int, itemsize: int) -> str:
+def family(A: int, C: int, B: int, itemsize: int) -> str:
     """Which kernels take (A, C, B) data: "rows" (B == 1), "folded", "stream" or "channels"."""
     if B == 1:
         return "rows"
@@ -243,6 +243,43 @@ def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, 
     return running_mean.data_ptr(), running_var.data_ptr(), num_batches_tracked.data_ptr()
 
 
+# dtype: cpu.update_running_stats_at compiled for it (from Numba's cache when it has it) on
+# first use, then called as that function, without the dispatcher's typing of each
+# argument: in a training step of the paper's MLP the step took 0.8% to 1.6% less
+_UPDATES: dict = {}
+
+
+def _compiled_update(dtype: torch.dtype):
+    update = _UPDATES.get(dtype)
+    if update is None:
+        update = _UPDATES[dtype] = cpu.update_running_stats_at.compile(cpu.update_at_signature(ZERO[dtype]))
+    return update
+
+
+def update_running(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> bool | None:
+    """The running update from one CPU batch's mean and biased var (or torch's 1/sqrt(var + eps)),
+    ``running`` as in running_addresses. Returns whether it was made (False: the statistics were
+    not finite and nothing changed), or None when the kernel does not take these tensors
+    (half-precision buffers, mixed dtypes, buffers with gaps): the caller updates in torch ops.
+
+    ``mean`` and ``spread`` must be dense, one value per channel, of one dtype (the callers'
+    own statistics, or checked by the op); the buffers are checked by running_addresses.
+    """
+    dtype = mean.dtype
+    update = _UPDATES.get(dtype)
+    if update is None:
+        if dtype not in ZERO:
+            return None
+        update = _compiled_update(dtype)
+    channels = mean.numel()
+    buffers = running_addresses(running, dtype, channels)
+    if buffers is None:
+        return None
+    return update(
+        *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, running[3], running[4], 0.0
+    )
+
+
 def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None):
     """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
     to the addresses given, each ``C`` values of the compute dtype (float32 for half).
@@ -260,10 +297,10 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
-    family = _family(A, C, B, x.element_size())
-    updated = _TRAIN[family](
+    kind = family(A, C, B, x.element_size())
+    updated = _TRAIN[kind](
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
-        _past_caches(2, y, *_rows_of(family, C, B)), ZERO[dtype], STORED[x.dtype],
+        _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
         running_mean, running_var, counter, momentum,
     )  # fmt: skip
     return y, (updated if buffers else None)
@@ -277,10 +314,10 @@ def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float,
     dtype = compute_dtype(x.dtype)
     rm, rv = per_channel(running_mean, dtype, 0.0, C), per_channel(running_var, dtype, 1.0, C)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
-    family = _family(A, C, B, x.element_size())
-    _EVAL[family](
+    kind = family(A, C, B, x.element_size())
+    _EVAL[kind](
         x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
-        threads, _past_caches(2, y, *_rows_of(family, C, B)), ZERO[dtype], STORED[x.dtype],
+        threads, _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
     return y
 
@@ -299,10 +336,10 @@ def backward(grad_output, input, mean: int, invstd: int, weight, training: bool,
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
     dx = pool.empty_like(x) if input_grad else None
     w = per_channel(weight, dtype, 1.0, C)
-    family = _family(A, C, B, x.element_size())
-    _BACKWARD[family](
+    kind = family(A, C, B, x.element_size())
+    _BACKWARD[kind](
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads,
-        dx is not None and _past_caches(3, dx, *_rows_of(family, C, B)), ZERO[dtype], STORED[x.dtype],
+        dx is not None and _past_caches(3, dx, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
     )  # fmt: skip
     return (input.new_empty(0) if dx is None else dx), dweight, dbias

@@ -1,8 +1,7 @@
 """Drop-in batch-norm modules: torch's constructors, parameters, buffers and state_dict keys.
 
-The modules hold state and choose the mode; the arithmetic is in functional.py, or, for a
-small training batch with running statistics, in ops.train_tracked_small (the same path in
-one call, since its Python cost as much as torch's kernel there).
+The modules hold state and choose the mode; functional.normalize checks the arguments and
+the route (route.py) does the arithmetic.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from . import functional as F
-from . import ops
 
 Tensor = torch.Tensor
 
@@ -132,40 +130,20 @@ class _BatchNorm(nn.Module):
             tracer = input.tracer
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
-        if self.training and self.track_running_stats and self.axis == 1:
-            # a small batch on torch's kernel, the common case of small models, in one call
-            parameters, buffers = self._parameters, self._buffers
-            y = ops.train_tracked_small(
-                input, self.num_features, parameters["weight"], parameters["bias"], buffers["running_mean"],
-                buffers["running_var"], buffers["num_batches_tracked"], self.momentum, self.eps,
-            )  # fmt: skip
-            if y is not None:
-                return y
-        axis = F.check_input(input, self.axis)
-        channels = self.num_features
-        if input.shape[axis] != channels:
-            raise ValueError(
-                f"{type(self).__name__}(num_features={channels}) expected input with "
-                f"{channels} channels on axis {self.axis}, got {input.shape[axis]} "
-                f"(input size {tuple(input.shape)})"
-            )
-        training = self.training
         # from the dicts nn.Module keeps them in: six self.<name> lookups through
         # nn.Module.__getattr__ cost about 7 us, a sixth of a small call
         parameters, buffers = self._parameters, self._buffers
-        weight, bias = parameters["weight"], parameters["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        training = self.training
         # torch's rules: batch statistics in training or without running buffers;
         # the buffers go in unless training without tracking
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
-        F.check_options(self.momentum, self.eps, use_batch_stats)  # attributes a user may have changed
-        F.check_channel_tensors(input, channels, running_mean, running_var, weight, bias)
         return F.normalize(
-            input, running_mean, running_var, weight, bias, use_batch_stats, self.momentum, self.eps, axis,
-            num_batches_tracked,
+            input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
+            self.momentum, self.eps, self.axis, num_batches_tracked, self,
         )  # fmt: skip
 
     def __prepare_scriptable__(self):

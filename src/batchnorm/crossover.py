@@ -1,0 +1,87 @@
+"""Below how many values torch's own CPU kernel beats the Numba kernels: measured on this
+machine, once per process, for each kind of call that asks.
+
+A Numba launch costs a fixed time (the Python around it, waking the OpenMP team) that
+torch's kernel does not pay, and the kernels win it back per value; where the two cross
+depends on the machine (cores, clock, caches) and on the call: evaluation or training,
+with autograd recording or not, and the layout family (rows of one value, short rows
+the folded kernels take, longer maps). So it is not a constant: the first call of a kind
+with at most TOP values times both sides on inputs of that kind at each of SIZES
+(interleaved, the fastest of ``repeat``), and the answer holds for the rest of the
+process. All kinds together take well under a second; most programs ask for two or three.
+
+The caller (route.py) hands over the two sides as functions of a value count, so that
+what is timed is exactly what the route would run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+# the sizes measured, in values: 2^12 to 2^18 (16 KiB to 1 MiB of float32)
+SIZES = tuple(1 << k for k in range(12, 19))
+# above TOP values the kernels are taken without asking (the bench's every shape is larger)
+TOP = SIZES[-1]
+REPEAT = 5
+
+# set (tests, or a user pinning the route): an int for every kind of call, or a dict by
+# (mode, family), the first two parts of a key; no measurement then
+OVERRIDE: int | dict | None = None
+
+_measured: dict[tuple, int] = {}
+
+
+def crossover(times: dict[int, tuple[float, float]]) -> int:
+    """The threshold from ``{size: (kernels' seconds, torch's seconds)}``: the smallest size
+    from which the kernels are no slower at it and at every larger size measured, so that
+    inputs of fewer values take torch's kernel; TOP + 1 when the kernels lose at the largest.
+    """
+    threshold = TOP + 1
+    for size in sorted(times, reverse=True):
+        ours, theirs = times[size]
+        if ours > theirs:
+            break
+        threshold = size
+    return threshold
+
+
+def measure(
+    ours: Callable[[int], Callable[[], object]],
+    theirs: Callable[[int], Callable[[], object]],
+    sizes=SIZES,
+    repeat: int = REPEAT,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, tuple[float, float]]:
+    """{size: (fastest of ``ours``, fastest of ``theirs``)}; each side is a function that
+    prepares its input of ``size`` values and returns the call to time. One call each
+    before timing (compilation, first touch), then alternating calls."""
+    times = {}
+    for size in sizes:
+        calls = (ours(size), theirs(size))
+        for call in calls:
+            call()
+        best = [float("inf"), float("inf")]
+        for _ in range(repeat):
+            for side, call in enumerate(calls):
+                start = clock()
+                call()
+                best[side] = min(best[side], clock() - start)
+        times[size] = (best[0], best[1])
+    return times
+
+
+def threshold(key: tuple, sides: Callable[[tuple], tuple]) -> int:
+    """The threshold for calls of ``key``, measured the first time that key is asked for with
+    the two sides ``sides(key)`` returns, (ours, theirs) as measure takes them."""
+    if OVERRIDE is not None:
+        return OVERRIDE if isinstance(OVERRIDE, int) else OVERRIDE[key[:2]]
+    found = _measured.get(key)
+    if found is None:
+        found = _measured[key] = crossover(measure(*sides(key)))
+    return found
+
+
+def measured() -> dict[tuple, int]:
+    """What this process has measured so far, by key (for the bench's machine line)."""
+    return dict(_measured)
