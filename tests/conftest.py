@@ -37,13 +37,9 @@ def _seed_and_numba_kernels(monkeypatch):
 def kernel_order(request, monkeypatch):
     """Every kernel family for NCHW-like data (B > 1), whatever the test's shapes: the
     memory-order kernels (launch.STREAM_MAX_BYTES), the channel-major ones (with that
-    limit at 0), and the folded ones of short rows (launch.folds, its limits lifted)."""
+    limit at 0), and the folded ones (launch.FOLD_OVERRIDE: any row length)."""
     launch = batchnorm.launch
-    if request.param == "folded":
-        monkeypatch.setattr(launch, "FOLD_LIMITS", ((1 << 30, 1 << 30),))
-        monkeypatch.setattr(launch, "FOLD_MIN_ROWS_PER_VALUE", 0)
-    else:
-        monkeypatch.setattr(launch, "FOLD_LIMITS", ())
+    monkeypatch.setattr(launch, "FOLD_OVERRIDE", request.param == "folded")
     if request.param == "channel-major":
         monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
     return request.param

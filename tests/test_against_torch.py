@@ -6,7 +6,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from batchnorm import launch
+from batchnorm import crossover, launch
 from batchnorm.kernels import cpu
 
 import oracle
@@ -263,26 +263,39 @@ def test_which_kernels_take_nchw_data(monkeypatch):
     assert not launch._in_memory_order(128, 256, 196, 4)  # 26 MB
 
 
-def test_which_short_rows_are_folded():
-    """launch.folds: rows of at most 36 bytes with C * B values of the compute dtype in at
-    most 32 KiB, or rows of at most 64 bytes with columns in at most 16 KiB; at least 4 * B
-    rows. Such data goes to the folded kernels."""
+def test_which_short_rows_are_folded(monkeypatch):
+    """launch.folds: rows of at most a cache line with at least 4 * B rows; columns (C * B
+    values of at least float32) under the limit measured for that row length (here the
+    table's 32 KiB), or under FOLD_COLUMN_BYTES[0] without asking. Such data goes to the
+    folded kernels."""
+    monkeypatch.setattr(crossover, "OVERRIDE", {("fold",): 1 << 15})
     assert launch.folds(256, 512, 4, 4) and launch.family(256, 512, 4, 4) == "folded"  # 2x2 maps
     assert launch.folds(128, 128, 9, 4)  # 3x3 float32 maps, 36 bytes
-    assert launch.folds(64, 2048, 4, 4) and not launch.folds(64, 2049, 4, 4)  # 8192 columns of float32
-    assert launch.folds(64, 1024, 4, 8) and not launch.folds(64, 1025, 4, 8)  # 4096 of float64
-    assert launch.folds(128, 4096, 2, 2)  # half-precision columns are summed in float32: 32 KiB
-    assert not launch.folds(128, 4097, 2, 2)
+    assert launch.folds(64, 2047, 4, 4) and not launch.folds(64, 2048, 4, 4)  # 8192 columns of float32
+    assert launch.folds(64, 1023, 4, 8) and not launch.folds(64, 1024, 4, 8)  # 4096 of float64
+    assert launch.folds(128, 4095, 2, 2) and not launch.folds(128, 4096, 2, 2)  # half: summed in float32
     assert launch.folds(128, 256, 16, 2)  # 4x4 half maps: 32 bytes a row
-    # rows of 37 to 64 bytes: columns of at most 16 KiB
-    assert launch.folds(128, 256, 16, 4) and not launch.folds(128, 257, 16, 4)  # 4x4 float32 maps
-    assert launch.folds(64, 256, 8, 8) and not launch.folds(64, 257, 8, 8)  # float64 rows of 8
-    assert launch.folds(64, 128, 10, 4) and not launch.folds(64, 410, 10, 4)
+    assert launch.folds(64, 128, 16, 4)  # 4x4 float32 maps: 64 bytes, one line
     assert not launch.folds(1024, 16, 17, 4) and launch.family(1024, 16, 17, 4) == "stream"  # 68 bytes
     assert not launch.folds(1024, 16, 9, 8)  # float64 rows of 72 bytes
     assert launch.folds(16, 512, 4, 4) and not launch.folds(15, 512, 4, 4)  # at least 4 * B rows
-    assert launch.folds(64, 256, 16, 4) and not launch.folds(63, 256, 16, 4)
     assert launch.family(256, 512, 1, 4) == "rows"
+    monkeypatch.setattr(crossover, "OVERRIDE", 0)  # nothing folds that asks
+    assert launch.folds(64, 255, 4, 4) and not launch.folds(64, 256, 4, 4)  # 4 KiB of columns: not asked
+
+
+def test_the_fold_limit_is_measured_once_per_row_length(monkeypatch):
+    """Without an override the folded and maps kernels are timed on data of the row length
+    asked for (crossover.measure) and the limit is one of the sizes measured, or past them."""
+    monkeypatch.setattr(crossover, "OVERRIDE", None)
+    monkeypatch.setattr(crossover, "_measured", {})
+    folded = launch.folds(64, 1024, 4, 4)  # 16 KiB of columns in rows of 16 bytes
+    [(key, limit)] = crossover.measured().items()
+    assert key[:3] == ("fold", 16, 4)
+    assert limit in (*launch.FOLD_COLUMN_BYTES, launch.FOLD_COLUMN_BYTES[-1] + 1)
+    assert folded == (16 * 1024 < limit)
+    launch.folds(128, 1024, 4, 4)
+    assert len(crossover.measured()) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

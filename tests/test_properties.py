@@ -152,15 +152,12 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
 
     launch, pool = batchnorm.launch, batchnorm.buffers.pool
     limits = launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes
-    fold_limits = launch.FOLD_LIMITS, launch.FOLD_MIN_ROWS_PER_VALUE
+    fold = launch.FOLD_OVERRIDE
     mode = _Passthrough() if through_ops else contextlib.nullcontext()
     try:
         if family == "channel-major":
             launch.STREAM_MAX_BYTES = 0
-        if family == "folded":
-            launch.FOLD_LIMITS, launch.FOLD_MIN_ROWS_PER_VALUE = ((1 << 30, 1 << 30),), 0
-        else:
-            launch.FOLD_LIMITS = ()
+        launch.FOLD_OVERRIDE = family == "folded"
         if pooled:
             launch.NONTEMPORAL_MIN_BYTES = pool.min_bytes = 0
         with mode:
@@ -174,7 +171,7 @@ def test_random_memory_arrangements_and_dtypes_match_the_float64_oracle(
             )
     finally:
         launch.STREAM_MAX_BYTES, launch.NONTEMPORAL_MIN_BYTES, pool.min_bytes = limits
-        launch.FOLD_LIMITS, launch.FOLD_MIN_ROWS_PER_VALUE = fold_limits
+        launch.FOLD_OVERRIDE = fold
 
     values = x.detach()
     y_ref, mu, var = oracle.train_forward(values, weight, bias, axis=axis)

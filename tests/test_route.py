@@ -128,9 +128,9 @@ FLOORS = [
     {"layers.py"},
     {"functional.py"},
     {"route.py"},
-    {"crossover.py", "ops.py"},
+    {"ops.py"},
     {"launch.py"},
-    {"buffers.py", "layout.py", "kernels"},
+    {"buffers.py", "crossover.py", "layout.py", "kernels"},
 ]
 
 

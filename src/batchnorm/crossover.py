@@ -25,19 +25,19 @@ SIZES = tuple(1 << k for k in range(12, 19))
 TOP = SIZES[-1]
 REPEAT = 5
 
-# set (tests, or a user pinning the route): an int for every kind of call, or a dict by
-# (mode, family), the first two parts of a key; no measurement then
+# set (tests, or a user pinning the route): an int for every key, or a dict by the first two
+# parts of a key, else by its first; no measurement then
 OVERRIDE: int | dict | None = None
 
 _measured: dict[tuple, int] = {}
 
 
-def crossover(times: dict[int, tuple[float, float]]) -> int:
-    """The threshold from ``{size: (kernels' seconds, torch's seconds)}``: the smallest size
-    from which the kernels are no slower at it and at every larger size measured, so that
-    inputs of fewer values take torch's kernel; TOP + 1 when the kernels lose at the largest.
+def crossover(times: dict[int, tuple[float, float]], top: int = TOP) -> int:
+    """The threshold from ``{size: (ours' seconds, theirs')}`` (the kernels' and torch's): the
+    smallest size from which ours is no slower at it and at every larger size measured, so
+    that calls of fewer values take theirs; ``top`` + 1 when ours loses at the largest.
     """
-    threshold = TOP + 1
+    threshold = top + 1
     for size in sorted(times, reverse=True):
         ours, theirs = times[size]
         if ours > theirs:
@@ -71,14 +71,14 @@ def measure(
     return times
 
 
-def threshold(key: tuple, sides: Callable[[tuple], tuple]) -> int:
+def threshold(key: tuple, sides: Callable[[tuple], tuple], sizes=SIZES) -> int:
     """The threshold for calls of ``key``, measured the first time that key is asked for with
-    the two sides ``sides(key)`` returns, (ours, theirs) as measure takes them."""
+    the two sides ``sides(key)`` returns, (ours, theirs) as measure takes them, at ``sizes``."""
     if OVERRIDE is not None:
-        return OVERRIDE if isinstance(OVERRIDE, int) else OVERRIDE[key[:2]]
+        return OVERRIDE if isinstance(OVERRIDE, int) else OVERRIDE.get(key[:2], OVERRIDE.get(key[:1]))
     found = _measured.get(key)
     if found is None:
-        found = _measured[key] = crossover(measure(*sides(key)))
+        found = _measured[key] = crossover(measure(*sides(key), sizes=sizes), sizes[-1])
     return found
 
 

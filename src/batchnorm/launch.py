@@ -22,6 +22,7 @@ import numba
 import numpy as np
 import torch
 
+from . import crossover
 from .buffers import pool
 from .kernels import cpu, folded
 from .kernels.reference import compute_dtype
@@ -94,7 +95,6 @@ STREAM_MAX_BYTES = last_level_cache_bytes() // 2
 # 14 x 14 values, say) the plain stores stay, since a line written partly past the caches
 # and partly through them cost 2 to 3 times more than either.
 NONTEMPORAL_MIN_BYTES = last_level_cache_bytes()
-CACHE_LINE = 64
 
 
 def _past_caches(tensors: int, out: Tensor, C: int, B: int) -> bool:
@@ -112,24 +112,70 @@ def _in_memory_order(A: int, C: int, B: int, itemsize: int) -> bool:
     return B * itemsize < cpu.PREFETCH_ROW_BYTES and A * C * B * itemsize <= STREAM_MAX_BYTES
 
 
-# NCHW-like data with short rows goes to the kernels of kernels/folded.py, which read
-# (A, C, B) as (A, C * B) with channels_last's kernels: rows of at most 36 bytes (3x3
-# float32 maps, 4x4 half-precision ones) whose C * B columns of the compute dtype take at
-# most 32 KiB, or rows of at most 64 bytes (4x4 float32 maps) with columns of at most
-# 16 KiB (FOLD_LIMITS; the longer the rows, the less the other kernels lose on them and the
-# sooner the per-column values crowd the caches), and at least FOLD_MIN_ROWS_PER_VALUE * B
-# rows A (the per-column work is paid once a call, the per-row work of the other kernels
-# once a row). Measured on the development machine: docs/benchmarks.md, "Short rows".
-FOLD_LIMITS = ((36, 32 * 1024), (64, 16 * 1024))  # (bytes of a row, bytes of the C * B columns)
+# NCHW-like data with short rows can go to the kernels of kernels/folded.py, which read
+# (A, C, B) as (A, C * B) with channels_last's kernels: rows of at most one cache line
+# (3x3 float32 maps, 4x4 at most) with at least FOLD_MIN_ROWS_PER_VALUE * B rows (the
+# per-column work is paid once a call, the per-row work of the other kernels once a row).
+# Whether folding wins depends on the machine: the C * B per-column values crowd the caches,
+# and how soon depends on their sizes and on how well the other kernels vectorize short
+# rows. On a 2-core AMD EPYC (48 KiB L1d, AVX-512) rows of 2x2 float32 folded faster up to
+# 128 KiB of columns, 3x3 up to 56 KiB and not at 112 KiB, 4x4 only up to 4 KiB, where the
+# machine these limits were first measured on (FOLD_LIMITS of earlier versions) folded 4x4
+# up to 16 KiB. So the column limit is measured, per row length, the first time a row
+# length asks (crossover.py, about 30 ms): folded against the maps kernels, a training
+# forward, at FOLD_COLUMN_BYTES.
 FOLD_MIN_ROWS_PER_VALUE = 4
+FOLD_OVERRIDE: bool | None = None  # True: every B > 1 folds, False: none (tests); None: measured
+FOLD_COLUMN_BYTES = tuple(1 << k for k in range(12, 18))  # 4 KiB to 128 KiB of columns
+
+
+def _line_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache/index0/coherency_line_size") -> int:
+    try:
+        with open(base) as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return 64
+
+
+CACHE_LINE = _line_bytes()
 
 
 def folds(A: int, C: int, B: int, itemsize: int) -> bool:
     """Whether (A, C, B) data of ``itemsize``-byte values (B > 1) goes to the folded kernels."""
-    if A < FOLD_MIN_ROWS_PER_VALUE * B:
+    if FOLD_OVERRIDE is not None:
+        return FOLD_OVERRIDE
+    row = B * itemsize
+    if row > CACHE_LINE or A < FOLD_MIN_ROWS_PER_VALUE * B:
         return False
-    row, columns = B * itemsize, C * B * max(itemsize, 4)
-    return any(row <= most_row and columns <= most_columns for most_row, most_columns in FOLD_LIMITS)
+    columns = C * B * max(itemsize, 4)
+    if columns < FOLD_COLUMN_BYTES[0]:
+        return True
+    key = ("fold", row, itemsize, sync_threads())
+    return columns < crossover.threshold(key, _fold_sides, FOLD_COLUMN_BYTES)
+
+
+def _fold_sides(key: tuple):
+    """(maps kernels, folded kernels) for crossover.measure, on (A, C, B) float data with
+    rows of the key's bytes and C * B * 4 bytes of columns (the size measured)."""
+    _fold, row, itemsize, _threads = key
+    dtype = {2: torch.float16, 4: torch.float32, 8: torch.float64}[itemsize]
+    B = row // itemsize
+
+    def side(kind: str):
+        def prepare(columns: int):
+            C = max(1, columns // (B * max(itemsize, 4)))
+            x = torch.randn(max(64, FOLD_MIN_ROWS_PER_VALUE * B), C, B, dtype=dtype)
+            stats = torch.empty(3, C, dtype=compute_dtype(dtype))  # held by the call: the kernel writes there
+
+            def call(stats=stats):
+                mean, step = stats.data_ptr(), stats.stride(0) * stats.element_size()
+                return train(x, None, None, 1e-5, 1, mean, mean + step, mean + 2 * step, kind=kind)
+
+            return call
+
+        return prepare
+
+    return side("stream" if _in_memory_order(1, 1, B, itemsize) else "channels"), side("folded")
 
 
 def family(A: int, C: int, B: int, itemsize: int) -> str:
@@ -280,14 +326,17 @@ def update_running(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool
     )
 
 
-def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None):
+def train(
+    input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None, kind=None
+):
     """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
     to the addresses given, each ``C`` values of the compute dtype (float32 for half).
 
     With ``running`` (as in running_addresses) whose buffers running_addresses takes, the
     kernel call also makes the running update. Returns (y, updated): ``updated`` is None
     when no update was made (no ``running``, or buffers left to the caller), else whether
-    it was made (False: the statistics were not finite and nothing changed).
+    it was made (False: the statistics were not finite and nothing changed). ``kind``
+    names the kernel family instead of ``family``'s choice (crossover measurements).
     """
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
@@ -297,7 +346,7 @@ def train(input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd:
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
-    kind = family(A, C, B, x.element_size())
+    kind = kind or family(A, C, B, x.element_size())
     updated = _TRAIN[kind](
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
         _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
