@@ -130,7 +130,7 @@ FLOORS = [
     {"route.py"},
     {"ops.py"},
     {"launch.py"},
-    {"buffers.py", "crossover.py", "layout.py", "kernels"},
+    {"buffers.py", "crossover.py", "epilogue.py", "layout.py", "kernels"},
 ]
 
 

@@ -32,6 +32,7 @@ import numbers
 
 import torch
 
+from . import epilogue as epilogues
 from . import route
 
 Tensor = torch.Tensor
@@ -208,11 +209,13 @@ def normalize(
     axis: int,
     num_batches_tracked: Tensor | None,
     layer=None,
+    epilogue=None,
 ) -> Tensor:
     """batch_norm with every argument given: the checks, then route.normalize.
 
     The modules call this with ``layer`` (themselves): the input's channels must then be
-    their ``num_features``, and an error names the layer.
+    their ``num_features``, and an error names the layer. A fused layer passes its
+    ``epilogue`` (epilogue.Epilogue: activation, residual, what backward keeps).
     """
     axis = check_input(input, axis)
     channels = input.shape[axis]
@@ -224,10 +227,13 @@ def normalize(
         )
     check_options(momentum, eps, training)
     check_channel_tensors(input, channels, running_mean, running_var, weight, bias)
+    if epilogue is not None:
+        epilogues.check(epilogue, input)
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode (training=False)")
-        return route.normalize(input, weight, bias, eps, axis, False, (running_mean, running_var, None, 0, 0.0))
+        running = (running_mean, running_var, None, 0, 0.0)
+        return route.normalize(input, weight, bias, eps, axis, False, running, epilogue)
     count = input.numel() // channels if channels else 0
     if count == 1:
         raise ValueError(
@@ -241,4 +247,4 @@ def normalize(
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = -1.0 if momentum is None else float(momentum)
         running = (running_mean, running_var, num_batches_tracked, count, factor)
-    return route.normalize(input, weight, bias, eps, axis, True, running)
+    return route.normalize(input, weight, bias, eps, axis, True, running, epilogue)

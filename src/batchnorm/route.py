@@ -35,6 +35,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import crossover, launch, ops
+from . import epilogue as epilogues
 
 Tensor = torch.Tensor
 
@@ -179,12 +180,14 @@ def _sides(key: tuple):
 # ------------------------------------------------------------------ the call
 
 
-def normalize(input: Tensor, weight, bias, eps: float, axis: int, training: bool, running) -> Tensor:
-    """Batch normalization of checked arguments (functional.py), wherever ``route`` sends it."""
+def normalize(input: Tensor, weight, bias, eps: float, axis: int, training: bool, running, epilogue=None) -> Tensor:
+    """Batch normalization of checked arguments (functional.py), wherever ``route`` sends it;
+    then the ``epilogue`` of a fused layer (epilogue.py), when one is given."""
     if training and running is not None and running[3] < 2:
         running = None  # an empty batch (count 0): no update
     where = route(input, weight, bias, running, training, axis)
-    return _call(where, input, weight, bias, eps, axis, training, running)
+    y = _call(where, input, weight, bias, eps, axis, training, running)
+    return y if epilogue is None else epilogues.apply(y, epilogue)
 
 
 def _call(where: str, input: Tensor, weight, bias, eps, axis, training, running) -> Tensor:

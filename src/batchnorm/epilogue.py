@@ -1,0 +1,77 @@
+"""What a fused layer does after the normalization, as a parameter of the route.
+
+    out = activation(y + residual)        y = gamma * (x - mu) / sqrt(var + eps) + beta
+
+``Epilogue(activation, negative_slope, alpha, residual, save)`` travels with a call from
+functional.normalize through route.normalize to the destination, so that fused layers
+(BatchNormAct, in-place activated batch norm) and the variants enter the one route with
+parameters rather than a route of their own. The plain layers pass none.
+
+Today every destination normalizes and then ``apply`` computes the epilogue in torch ops,
+which autograd differentiates; fused kernels (the activation a compile-time parameter of
+the map pass, the residual one more input, the backward from the saved output) replace
+``apply`` on the kernels' destination without changing this interface. ``save`` says what
+the backward keeps: "input" (x, as the plain layer) or "output" (the activated output, from
+which an invertible activation recovers x-hat; Rota Bulo et al. 2018), which needs those
+fused kernels and is refused until they exist.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh")
+# activations whose output determines their input: what save="output" will take
+INVERTIBLE = ("identity", "leaky_relu", "elu")
+
+
+class Epilogue(NamedTuple):
+    activation: str = "identity"
+    negative_slope: float = 0.01  # leaky_relu
+    alpha: float = 1.0  # elu
+    residual: Tensor | None = None  # added to y before the activation, the input's shape
+    save: str = "input"  # what the backward keeps: "input" or "output"
+
+
+def check(epilogue: Epilogue, input: Tensor) -> None:
+    """The epilogue's fields, against what is allowed and the input it follows."""
+    if epilogue.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got activation={epilogue.activation!r}")
+    if epilogue.save not in ("input", "output"):
+        raise ValueError(f"save must be 'input' or 'output', got save={epilogue.save!r}")
+    if epilogue.save == "output":
+        raise NotImplementedError(
+            "save='output' (keep only the activated output for backward) needs the fused kernels; use save='input'"
+        )
+    residual = epilogue.residual
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a tensor, got {type(residual).__name__}")
+        if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
+            raise ValueError(
+                f"residual must have the input's shape, dtype and device ({tuple(input.shape)}, {input.dtype}, "
+                f"{input.device}), got ({tuple(residual.shape)}, {residual.dtype}, {residual.device})"
+            )
+
+
+def apply(y: Tensor, epilogue: Epilogue) -> Tensor:
+    """activation(y + residual) in torch ops (torch's functions, so torch's numbers)."""
+    if epilogue.residual is not None:
+        y = y + epilogue.residual
+    activation = epilogue.activation
+    if activation == "identity":
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, epilogue.negative_slope)
+    if activation == "elu":
+        return F.elu(y, epilogue.alpha)
+    if activation == "silu":
+        return F.silu(y)
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
