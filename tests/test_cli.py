@@ -269,3 +269,24 @@ def test_resnet20_is_the_papers_network():
         isinstance(m, BatchNorm2d) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
     )
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bench_prints_what_the_route_measured():
+    """The crossovers the process measured, each as its kind and threshold: a power of two
+    below the top, 'every size' past it, and the fold limit of a row length in KiB."""
+    import torch
+
+    from batchnorm import bench, crossover
+
+    measured = {
+        ("train, recorded", "maps", torch.float32, 2): 1 << 16,
+        ("eval", "rows", torch.float64, 2): crossover.TOP + 1,
+        ("fold", 16, 4, 2): 1 << 15,
+    }
+    lines = bench.crossovers(measured)
+    assert lines[1] == (
+        "Measured by this process (batchnorm.crossover): torch's kernel takes eval, rows, float64: at every size "
+        "measured (up to 2^18 values); train, recorded, maps, float32: below 2^16 values"
+    )
+    assert lines[2] == "Short rows fold: rows of 16 B below 32 KiB of columns"
+    assert bench.crossovers({}) == []

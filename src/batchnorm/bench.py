@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numba
 import torch
 
+from . import crossover
 from .buffers import pool
 from .launch import cache_size_bytes, last_level_cache_bytes
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -522,7 +523,36 @@ def report(
                 f"- {name}: batchnorm {_ms(pair['batchnorm'])}, torch.nn.BatchNorm2d {_ms(pair['torch'])} "
                 f"({pair['torch'] / pair['batchnorm']:.2f}x)"
             )
+    lines += crossovers(crossover.measured())
     return "\n".join(lines)
+
+
+def _values(n: int) -> str:
+    """2^k for a power of two, else the number."""
+    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
+
+
+def crossovers(measured: dict[tuple, int]) -> list[str]:
+    """What this process measured for the route (crossover.py): below how many values torch's
+    kernel takes each kind of call, and up to how many bytes of columns short rows fold."""
+    if not measured:
+        return []
+    route, fold = [], []
+    for key, limit in sorted(measured.items(), key=str):
+        if key[0] == "fold":
+            fold.append(f"rows of {key[1]} B below {limit // 1024} KiB of columns")
+        else:
+            top = _values(crossover.TOP)
+            where = (
+                f"below {_values(limit)} values"
+                if limit <= crossover.TOP
+                else f"at every size measured (up to {top} values)"
+            )
+            route.append(f"{key[0]}, {key[1]}, {str(key[2]).removeprefix('torch.')}: {where}")
+    lines = ["", f"Measured by this process ({crossover.__name__}): torch's kernel takes " + "; ".join(route)]
+    if fold:
+        lines.append("Short rows fold: " + "; ".join(fold))
+    return lines
 
 
 def run(

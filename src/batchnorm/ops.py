@@ -10,6 +10,9 @@ used on CUDA, MPS and any other device), a CPU implementation with the Numba
 kernels (kernels/cpu.py), a fake implementation for tracing, and autograd.
 torch.compile, torch.export and FX therefore see one op per call.
 
+Below them, one function per destination of route.route and mode (train_kernels,
+evaluate_torch, ...): what route.py calls, so that every way to the kernels passes here.
+
 Double backward: when the backward runs with grad mode on (create_graph=True),
 the gradient is computed with the differentiable formula of kernels/reference.py,
 the statistics recomputed from the input, so that autograd can differentiate it

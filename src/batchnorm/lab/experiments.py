@@ -86,7 +86,7 @@ class Lab:
     many runs share the machine; ``jobs`` forked worker processes train runs side by side.
     The numbers are the same for any ``jobs`` as long as batch norm takes the same path in
     workers and in-process: true for the lab's MLP, whose batch-norm inputs are small
-    enough for torch's kernel (ops.SMALL_INPUT); larger inputs take the plain-torch path
+    enough for torch's kernel (route.py) on this machine; larger inputs take the plain-torch path
     in forked workers (GNU OpenMP is not fork-safe) and may differ in the last bits.
     """
 
