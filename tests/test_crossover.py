@@ -86,6 +86,8 @@ def test_each_key_is_measured_once_and_the_override_wins(monkeypatch):
     monkeypatch.setattr(crossover, "OVERRIDE", {("train", "maps"): 5})
     assert crossover.threshold(("train", "maps", torch.float32, 2), sides) == 5
     assert asked == [("eval", "rows")]
+    assert crossover.threshold(("train", "rows", torch.float32, 2), sides) == crossover.SIZES[0]  # not named
+    assert asked == [("eval", "rows"), ("train", "rows", torch.float32, 2)]
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "train, recorded"])

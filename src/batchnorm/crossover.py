@@ -26,7 +26,7 @@ TOP = SIZES[-1]
 REPEAT = 5
 
 # set (tests, or a user pinning the route): an int for every key, or a dict by the first two
-# parts of a key, else by its first; no measurement then
+# parts of a key, else by its first; no measurement for what it names
 OVERRIDE: int | dict | None = None
 
 _measured: dict[tuple, int] = {}
@@ -74,8 +74,12 @@ def measure(
 def threshold(key: tuple, sides: Callable[[tuple], tuple], sizes=SIZES) -> int:
     """The threshold for calls of ``key``, measured the first time that key is asked for with
     the two sides ``sides(key)`` returns, (ours, theirs) as measure takes them, at ``sizes``."""
-    if OVERRIDE is not None:
-        return OVERRIDE if isinstance(OVERRIDE, int) else OVERRIDE.get(key[:2], OVERRIDE.get(key[:1]))
+    if isinstance(OVERRIDE, int):
+        return OVERRIDE
+    if OVERRIDE is not None:  # a kind the dict does not name is measured
+        pinned = OVERRIDE.get(key[:2], OVERRIDE.get(key[:1]))
+        if pinned is not None:
+            return pinned
     found = _measured.get(key)
     if found is None:
         found = _measured[key] = crossover(measure(*sides(key), sizes=sizes), sizes[-1])
