@@ -476,7 +476,9 @@ def _channel_sums_rows(x, shift, other, threads):
     Blocks of ROW_BLOCK rows are summed in the compute dtype (8 float32 lanes per
     vector instead of 4 float64) and each block's sum is carried in float64: a
     block adds at most 64 terms, so its relative rounding error is below 64 * 2^-24,
-    about 4e-6, and the float64 carries add nothing to it.
+    about 4e-6, and the float64 carries add nothing to it. Without ``other`` four
+    rows are summed a step (64x64x32x32 channels_last: 0.35 against 0.52 ms); the
+    gradient sums stay one row a step, which was faster for them (0.51 against 0.99).
     """
     A, C = x.shape
     chunks = min(threads, A)
@@ -490,14 +492,29 @@ def _channel_sums_rows(x, shift, other, threads):
         block_first = np.zeros(C, shift.dtype)
         block_second = np.zeros(C, shift.dtype)
         for start in range(lo, hi, ROW_BLOCK):
-            for a in range(start, min(start + ROW_BLOCK, hi)):
+            stop = min(start + ROW_BLOCK, hi)
+            a = start
+            if other is None:
+                # four rows a step: four loads in flight per channel vector, and a
+                # quarter of the block's adds go through the loop-carried sums
+                while a + 4 <= stop:
+                    for c in range(C):
+                        k = shift[c]
+                        d0 = _up(x[a, c]) - k
+                        d1 = _up(x[a + 1, c]) - k
+                        d2 = _up(x[a + 2, c]) - k
+                        d3 = _up(x[a + 3, c]) - k
+                        block_first[c] += (d0 + d1) + (d2 + d3)
+                        block_second[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+                    a += 4
+            for b in range(a, stop):
                 for c in range(C):
-                    d = _up(x[a, c]) - shift[c]
+                    d = _up(x[b, c]) - shift[c]
                     if other is None:
                         block_first[c] += d
                         block_second[c] += d * d
                     else:
-                        g = _up(other[a, c])
+                        g = _up(other[b, c])
                         block_first[c] += g
                         block_second[c] += g * d
             for c in range(C):
