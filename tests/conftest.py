@@ -43,3 +43,18 @@ def kernel_order(request, monkeypatch):
     if request.param == "channel-major":
         monkeypatch.setattr(launch, "STREAM_MAX_BYTES", 0)
     return request.param
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """The destination batchnorm.route.route gave each call."""
+    taken = []
+    real = batchnorm.route.route
+
+    def recorded(*args):
+        where = real(*args)
+        taken.append(where)
+        return where
+
+    monkeypatch.setattr(batchnorm.route, "route", recorded)
+    return taken

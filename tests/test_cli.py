@@ -259,7 +259,7 @@ def test_resnet20_is_the_papers_network():
     import torch
 
     from batchnorm import BatchNorm2d
-    from batchnorm.cifar_resnet import resnet20
+    from batchnorm.networks import resnet20
 
     model = resnet20(BatchNorm2d)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -252,21 +252,6 @@ def test_small_input_variance_past_float32_skips_the_update():
 # ------------------------------------------------- the route a module's call takes
 
 
-@pytest.fixture
-def routes(monkeypatch):
-    """The destination route.route gave each call."""
-    taken = []
-    real = route.route
-
-    def recorded(*args):
-        where = real(*args)
-        taken.append(where)
-        return where
-
-    monkeypatch.setattr(route, "route", recorded)
-    return taken
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(60, 100), (4, 16, 5, 5), (128, 16, 40), (2, 8, 3, 3, 3)])
 @pytest.mark.parametrize("momentum, affine", [(0.1, True), (None, True), (0.3, False)])

@@ -1,6 +1,7 @@
 """batchnorm: exact, fast batch normalization for PyTorch (Ioffe & Szegedy 2015)."""
 
 from . import functional, ops
+from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -19,6 +20,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "ExactEstimator",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",

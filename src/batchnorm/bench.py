@@ -306,11 +306,11 @@ def mlp_training_step(repeat: int) -> dict[str, float]:
 
 
 def resnet_steps(repeat: int, batch: int = 128) -> dict[str, dict[str, float]]:
-    """A CIFAR ResNet-20 (cifar_resnet.resnet20) at ``batch``, its every batch norm torch's or
+    """A CIFAR ResNet-20 (networks.resnet20) at ``batch``, its every batch norm torch's or
     this project's (the same initial weights): an SGD training step, and an eval forward
     under no_grad, in NCHW and channels_last; each layout's two models in alternating rounds.
     Returns {"<layout> train" or "<layout> eval": {"torch": s, "batchnorm": s}}."""
-    from .cifar_resnet import resnet20
+    from .networks import resnet20
 
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))

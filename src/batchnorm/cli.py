@@ -62,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
         help="forward+backward over the shapes of real CNNs (ResNet, CIFAR ResNet, MobileNetV2, 1-D, 3-D), "
         "both layouts, with the worst ratio and the geometric mean",
     )
+    bench.add_argument(
+        "--models",
+        action="store_true",
+        help="the SGD training step of a CIFAR ResNet-20 and a VGG-11-BN-LeakyReLU with torch's batch norm, "
+        "this project's and its fused layers, both layouts, and the activations each saves for backward",
+    )
     bench.add_argument("--repeat", type=_positive, default=20, help="timed calls per median (default: 20)")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves its compile time)")
     bench.add_argument("--no-interleaved", action="store_true", help="leave out the conv/BN interleaving measurement")
@@ -207,7 +213,11 @@ def _train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "bench":
-        if args.sweep:
+        if args.models:
+            from . import bench, model_bench
+
+            text = model_bench.report(model_bench.measure(args.repeat), bench.machine())
+        elif args.sweep:
             from . import sweep
 
             shapes = None if args.shape is None else [("--shape", shape) for shape in args.shape]

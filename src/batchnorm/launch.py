@@ -1,6 +1,6 @@
 """The Numba kernels called on CPU tensors: the checks they cannot make, then addresses.
 
-Every kernel here (kernels/cpu.py, the ``*_channels_at`` and ``*_rows_at`` functions) receives its tensors as
+Every kernel here (kernels/addressed.py, a set for each fused epilogue) receives its tensors as
 data addresses and the (A, C, B) shape of layout.py. On the development machine a
 numpy view of a tensor took 1.5 to 5 us to make and the old array launch spent about
 60 us in Python around a 20 us kernel; an integer argument costs a fraction of a
@@ -24,7 +24,8 @@ import torch
 
 from . import crossover
 from .buffers import pool
-from .kernels import cpu, folded
+from .kernels import addressed, cpu
+from .kernels.activation import CODES, IDENTITY
 from .kernels.reference import compute_dtype
 from .layout import channel_view
 
@@ -187,20 +188,20 @@ def family(A: int, C: int, B: int, itemsize: int) -> str:
     return "stream" if _in_memory_order(A, C, B, itemsize) else "channels"
 
 
-def _kernels(kind: str) -> dict:
-    """The ``kind`` kernels (forward_train or backward) of each family, by address."""
-    families = {"rows": cpu, "folded": folded, "stream": cpu, "channels": cpu}
-    return {family: getattr(module, f"{kind}_{family}_at") for family, module in families.items()}
+_PLAIN = addressed.kernels(IDENTITY, False)
 
 
-_TRAIN, _BACKWARD = _kernels("forward_train"), _kernels("backward")
-# evaluation is one pass, which the channel kernels already make in memory order
-_EVAL = {
-    "rows": cpu.forward_eval_rows_at,
-    "folded": folded.forward_eval_folded_at,
-    "stream": cpu.forward_eval_channels_at,
-    "channels": cpu.forward_eval_channels_at,
-}
+def _epilogue(epilogue, x: Tensor):
+    """(kernel set, residual tensor walked like x or None, slope, alpha, plain) for a fused
+    layer's epilogue (epilogue.Epilogue; None for the plain layer)."""
+    if epilogue is None:
+        return _PLAIN, None, 0.0, 0.0, True
+    act, residual = CODES[epilogue.activation], epilogue.residual
+    if residual is not None and (residual.dtype is not x.dtype or residual.stride() != x.stride()):
+        residual = pool.empty_like(x).copy_(residual)  # the kernels walk residual and x alike
+    plain = act == IDENTITY and residual is None
+    sets = _PLAIN if plain else addressed.kernels(act, residual is not None)
+    return sets, residual, float(epilogue.negative_slope), float(epilogue.alpha), plain
 
 
 def _rows_of(family: str, C: int, B: int) -> tuple[int, int]:
@@ -327,8 +328,9 @@ def update_running(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool
 
 
 def train(
-    input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None, kind=None
-):
+    input: Tensor, weight, bias, eps: float, axis: int, mean: int, invstd: int, var: int, running=None, kind=None,
+    epilogue=None,
+):  # fmt: skip
     """Algorithm 1 on a non-empty input; the batch mean, invstd and biased var are written
     to the addresses given, each ``C`` values of the compute dtype (float32 for half).
 
@@ -336,10 +338,12 @@ def train(
     kernel call also makes the running update. Returns (y, updated): ``updated`` is None
     when no update was made (no ``running``, or buffers left to the caller), else whether
     it was made (False: the statistics were not finite and nothing changed). ``kind``
-    names the kernel family instead of ``family``'s choice (crossover measurements).
+    names the kernel family instead of ``family``'s choice (crossover measurements). With an
+    ``epilogue`` (epilogue.Epilogue) y is a fused layer's output, act(BN(x) + residual).
     """
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
+    sets, residual, slope, alpha, plain = _epilogue(epilogue, x)
     y = pool.empty_like(x)
     dtype = compute_dtype(x.dtype)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
@@ -347,48 +351,68 @@ def train(
     running_mean, running_var, counter = buffers or (0, 0, 0)
     momentum = float(running[4]) if buffers else 0.0
     kind = kind or family(A, C, B, x.element_size())
-    updated = _TRAIN[kind](
+    updated = sets["forward_train_" + kind](
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
-        _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
-        running_mean, running_var, counter, momentum,
+        plain and _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
+        running_mean, running_var, counter, momentum, 0 if residual is None else residual.data_ptr(), slope, alpha,
     )  # fmt: skip
     return y, (updated if buffers else None)
 
 
-def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float, axis: int) -> Tensor:
-    """The affine map of Algorithm 2 on a non-empty input."""
+def evaluate(input: Tensor, running_mean, running_var, weight, bias, eps: float, axis: int, epilogue=None) -> Tensor:
+    """The affine map of Algorithm 2 on a non-empty input (with an ``epilogue``, a fused layer's
+    act(y + residual))."""
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
+    sets, residual, slope, alpha, plain = _epilogue(epilogue, x)
     y = pool.empty_like(x)
     dtype = compute_dtype(x.dtype)
     rm, rv = per_channel(running_mean, dtype, 0.0, C), per_channel(running_var, dtype, 1.0, C)
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     kind = family(A, C, B, x.element_size())
-    _EVAL[kind](
+    sets["forward_eval_" + kind](
         x.data_ptr(), rm.data_ptr(), rv.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), A, C, B, float(eps),
-        threads, _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
+        threads, plain and _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
+        0 if residual is None else residual.data_ptr(), slope, alpha,
     )  # fmt: skip
     return y
 
 
-def backward(grad_output, input, mean: int, invstd: int, weight, training: bool, axis: int, input_grad: bool):
+def backward(
+    grad_output, input, mean: int, invstd: int, weight, training: bool, axis: int, input_grad: bool, bias=None,
+    epilogue=None,
+):  # fmt: skip
     """(dx, dgamma, dbeta) on a non-empty input, with the statistics at the addresses
     ``mean`` and ``invstd`` (``C`` values of the compute dtype each, float32 for half);
     dx is an empty tensor when ``input_grad`` is False, dgamma and dbeta are in the
-    compute dtype."""
+    compute dtype. With an ``epilogue`` (a fused layer's, the forward's ``bias`` and
+    residual), ``grad_output`` is the gradient of act(y + residual), and the result has a
+    fourth tensor: the residual's gradient (None without a residual)."""
+    if epilogue is not None and epilogue.activation == "identity":  # y + residual: dy goes to both
+        dx, dweight, dbias = backward(grad_output, input, mean, invstd, weight, training, axis, input_grad)
+        return dx, dweight, dbias, (None if epilogue.residual is None else grad_output)
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
+    sets, residual, slope, alpha, plain = _epilogue(epilogue, x)
     dtype = compute_dtype(x.dtype)
     dy = grad_output
     if dy.dtype is not x.dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike
         dy = pool.empty_like(x).copy_(dy)
     dweight, dbias = torch.empty(C, dtype=dtype), torch.empty(C, dtype=dtype)
-    dx = pool.empty_like(x) if input_grad else None
-    w = per_channel(weight, dtype, 1.0, C)
+    # through an activation the residual's gradient is written beside dx (which then has rows);
+    # without one it is the output's gradient itself
+    dresidual = None if residual is None or plain else pool.empty_like(x)
+    dx = pool.empty_like(x) if input_grad or dresidual is not None else None
+    w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     kind = family(A, C, B, x.element_size())
-    _BACKWARD[kind](
+    sets["backward_" + kind](
         dy.data_ptr(), x.data_ptr(), mean, invstd, w.data_ptr(), bool(training),
         0 if dx is None else dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), A, C, B, threads,
-        dx is not None and _past_caches(3, dx, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
+        plain and dx is not None and _past_caches(3, dx, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
+        b.data_ptr(), 0 if residual is None else residual.data_ptr(),
+        0 if dresidual is None else dresidual.data_ptr(), slope, alpha,
     )  # fmt: skip
-    return (input.new_empty(0) if dx is None else dx), dweight, dbias
+    dx = dx if input_grad else input.new_empty(0)
+    if epilogue is None:
+        return dx, dweight, dbias
+    return dx, dweight, dbias, dresidual

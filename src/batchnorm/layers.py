@@ -124,11 +124,16 @@ class _BatchNorm(nn.Module):
         """The rank check of torch's layer of the same name (any rank of 2 or more here, as torch's functional form)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input, None, (input,))
+
+    def _normalize(self, input: Tensor, epilogue, arguments: tuple) -> Tensor:
+        """The layer's call of functional.normalize (a fused layer passes its ``epilogue``);
+        ``arguments`` are forward's, for a torch.fx trace."""
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
             # torch.fx symbolic tracing: the layer is one call_module node, as torch's layers are
             # (a leaf), so that the traced graph keeps its modes and its state
             tracer = input.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), arguments, {})
         self._check_input_dim(input)
         # from the dicts nn.Module keeps them in: six self.<name> lookups through
         # nn.Module.__getattr__ cost about 7 us, a sixth of a small call
@@ -143,7 +148,7 @@ class _BatchNorm(nn.Module):
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
         return F.normalize(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
-            self.momentum, self.eps, self.axis, num_batches_tracked, self,
+            self.momentum, self.eps, self.axis, num_batches_tracked, self, epilogue,
         )  # fmt: skip
 
     def __prepare_scriptable__(self):

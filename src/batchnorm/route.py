@@ -112,16 +112,18 @@ def _check_devices(input: Tensor, weight, bias, running, training: bool) -> None
 _TORCH_KERNEL_DTYPES = frozenset((torch.float32, torch.float64))
 
 
-def route(input: Tensor, weight: Tensor | None, bias: Tensor | None, running, training: bool, axis: int) -> str:
-    """The destination of one call (see the module docstring)."""
+def route(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, running, training: bool, axis: int, residual=None
+) -> str:
+    """The destination of one call (see the module docstring); ``residual`` a fused layer's."""
     if running is None:
-        plain = eager(input, weight, bias)
+        plain = eager(input, weight, bias, residual)
     else:
-        plain = eager(input, weight, bias, running[0], running[1], running[2])
+        plain = eager(input, weight, bias, running[0], running[1], running[2], residual)
     if not plain:
         _check_devices(input, weight, bias, running, training)
         return REFERENCE if _transformed() else OP
-    recorded = _recorded(input, weight, bias)
+    recorded = _recorded(input, weight, bias, residual)
     numel = input.numel()
     if numel <= crossover.TOP and axis == 1 and input.dtype in _TORCH_KERNEL_DTYPES and numel:
         shape = launch.dense_shape(input, axis)
@@ -182,10 +184,17 @@ def _sides(key: tuple):
 
 def normalize(input: Tensor, weight, bias, eps: float, axis: int, training: bool, running, epilogue=None) -> Tensor:
     """Batch normalization of checked arguments (functional.py), wherever ``route`` sends it;
-    then the ``epilogue`` of a fused layer (epilogue.py), when one is given."""
+    with the ``epilogue`` of a fused layer (epilogue.py), when one is given: in the kernels'
+    passes on their destinations, else in torch ops after the normalization."""
     if training and running is not None and running[3] < 2:
         running = None  # an empty batch (count 0): no update
-    where = route(input, weight, bias, running, training, axis)
+    residual = None if epilogue is None else epilogue.residual
+    where = route(input, weight, bias, running, training, axis, residual)
+    if epilogue is not None and (where is KERNELS or where is KERNELS_RECORDED) and input.numel():
+        recorded = where is KERNELS_RECORDED
+        if training:
+            return ops.train_fused(input, weight, bias, eps, axis, running, epilogue, recorded)
+        return ops.evaluate_fused(input, running[0], running[1], weight, bias, eps, axis, epilogue, recorded)
     y = _call(where, input, weight, bias, eps, axis, training, running)
     return y if epilogue is None else epilogues.apply(y, epilogue)
 

@@ -34,8 +34,10 @@ import os
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, typeof, types
+from numba import carray, literally, njit, prange, typeof, types
 from numba.extending import intrinsic, overload
+
+from .activation import IDENTITY, activate, derivative, like
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf (see above).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -356,10 +358,36 @@ SPAN = 1024
 
 
 @njit(inline="always", **_serial)
-def _span_sums(x, other, a, c, start, stop, shift):
+def _through(act, law, g, d, residual):
+    """A gradient ``g`` of a fused layer's output taken through its activation: g * act'(z)
+    with z = d * scale + offset + residual, d = x - mean, ``law`` = (scale, offset, slope,
+    alpha) as values or per-channel arrays indexed by the caller; ``g`` itself for identity."""
+    if act == IDENTITY:
+        return g
+    z = d * law[0] + law[1]
+    if residual is not None:
+        z += residual
+    return g * derivative(act, z, law[2], law[3])
+
+
+def _row_law(law, c):
+    """Channel ``c``'s law (scale, offset, slope, alpha) from one with per-channel arrays; None for None."""
+
+
+@overload(_row_law, jit_options=_serial)
+def _row_law_overload(law, c):
+    if isinstance(law, types.NoneType):
+        return lambda law, c: None
+    return lambda law, c: (law[0][c], law[1][c], law[2], law[3])
+
+
+@njit(inline="always", **_serial)
+def _span_sums(x, other, a, c, start, stop, shift, act, law, residual):
     """Sums in the compute dtype over values start to stop of row (a, c) of (A, C, B)
-    data: without ``other``, sum(x - shift) and sum((x - shift)^2); with it, sum(other)
-    and sum(other * (x - shift)). ``shift`` has the compute dtype."""
+    data: without ``other``, sum(x - shift) and sum((x - shift)^2); with it, sum(g)
+    and sum(g * (x - shift)), g = other (the output's gradient) taken through the
+    activation ``act`` of a fused layer (_through; ``law`` for row (a, c), ``residual``
+    its (A, C, B) input or None). ``shift`` has the compute dtype."""
     f = shift - shift  # zero, of the compute dtype (a float64 0.0 would widen every term)
     s = shift - shift
     if other is None:
@@ -369,28 +397,30 @@ def _span_sums(x, other, a, c, start, stop, shift):
             s += d * d
     else:
         for b in range(start, stop):
-            g = _up(other[a, c, b])
+            d = _up(x[a, c, b]) - shift
+            r = None if residual is None else _up(residual[a, c, b])
+            g = _through(act, law, _up(other[a, c, b]), d, r)
             f += g
-            s += g * (_up(x[a, c, b]) - shift)
+            s += g * d
     return f, s
 
 
 @njit(inline="always", **_serial)
-def _span_sums_carried(x, other, a, c, start, stop, shift):
+def _span_sums_carried(x, other, a, c, start, stop, shift, act, law, residual):
     """_span_sums as float64. A span whose sums overflow the compute dtype (float32
     squares overflow from |x - shift| near 2e19, where the variance itself still fits)
     is summed again with float64 terms, so only data that is not finite gives sums
     that are not."""
-    f, s = _span_sums(x, other, a, c, start, stop, shift)
+    f, s = _span_sums(x, other, a, c, start, stop, shift, act, law, residual)
     # comparisons, not math.isfinite: inlined into _row_sums's loop of whole spans, the
     # isfinite checks were folded away (the redo never ran, an overflowed sum came back inf)
     if -math.inf < f < math.inf and -math.inf < s < math.inf:
         return np.float64(f), np.float64(s)
-    return _span_sums(x, other, a, c, start, stop, np.float64(shift))
+    return _span_sums(x, other, a, c, start, stop, np.float64(shift), act, law, residual)
 
 
 @njit(inline="always", **_serial)
-def _row_sums(x, other, a, c, shift):
+def _row_sums(x, other, a, c, shift, act, law, residual):
     """The sums of _span_sums over row (a, c), span by span, carried in float64.
 
     Whole spans of SPAN values, then the rest: with each span's end written as
@@ -399,16 +429,16 @@ def _row_sums(x, other, a, c, shift):
     values is one span from 0."""
     B = x.shape[2]
     if B <= SPAN:
-        return _span_sums_carried(x, other, a, c, 0, B, shift)
+        return _span_sums_carried(x, other, a, c, 0, B, shift, act, law, residual)
     total = 0.0
     total_second = 0.0
     whole = B // SPAN
     for k in range(whole):
-        f, s = _span_sums_carried(x, other, a, c, k * SPAN, k * SPAN + SPAN, shift)
+        f, s = _span_sums_carried(x, other, a, c, k * SPAN, k * SPAN + SPAN, shift, act, law, residual)
         total += f
         total_second += s
     if whole * SPAN < B:
-        f, s = _span_sums_carried(x, other, a, c, whole * SPAN, B, shift)
+        f, s = _span_sums_carried(x, other, a, c, whole * SPAN, B, shift, act, law, residual)
         total += f
         total_second += s
     return total, total_second
@@ -418,12 +448,17 @@ def _row_sums(x, other, a, c, shift):
 
 
 @njit(**_parallel)
-def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_out, nontemporal):
-    """Algorithm 1 on (A, C, B) data, one channel per task.
+def forward_train_channels(
+    x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal, act, slope, alpha, residual
+):
+    """Algorithm 1 on (A, C, B) data, one channel per task (prange splits the channels;
+    ``threads``, which the other families split their work by, is not used).
 
     Each channel is reduced and then normalized while its values are still in
-    cache: mu = mean(x), var = mean((x - mu)^2), y = (x - mu) * gamma/sqrt(var + eps) + beta.
+    cache: mu = mean(x), var = mean((x - mu)^2), y = (x - mu) * gamma/sqrt(var + eps) + beta;
+    a fused layer's output is act(y + residual) (_activated_row).
     """
+    literally(act)
     A, C, B = x.shape
     m = A * B
     scale = np.empty_like(mean_out)
@@ -437,7 +472,7 @@ def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_ou
         for a in range(A):
             if a + PREFETCH_ROWS < A:
                 _prefetch_row(base, (a + PREFETCH_ROWS) * C + c, row_bytes)
-            f, s = _row_sums(x, None, a, c, shift)
+            f, s = _row_sums(x, None, a, c, shift, IDENTITY, None, None)
             total += f
             total_sq += s
         mean, var, invstd = _finish_stats(np.float64(shift), total, total_sq, m, eps)
@@ -448,7 +483,10 @@ def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_ou
         mu = mean_out[c]
         s = scale[c]
         beta = bias[c]
-        if nontemporal:
+        if act != IDENTITY or residual is not None:
+            for a in range(A):
+                _activated_row(x, y, a, c, mu, s, beta, act, slope, alpha, residual)
+        elif nontemporal:
             for a in range(A):
                 _affine_row_nt(x, y, a, c, mu, s, beta)
             _store_fence()
@@ -458,6 +496,18 @@ def forward_train_channels(x, weight, bias, eps, y, mean_out, invstd_out, var_ou
                     y[a, c, b] = _down((_up(x[a, c, b]) - mu) * s + beta, y)
 
 
+@njit(inline="always", **_serial)
+def _activated_row(x, y, a, c, mean, scale, offset, act, slope, alpha, residual):
+    """y[a, c, :] = act((x[a, c, :] - mean) * scale + offset + residual[a, c, :]) on (A, C, B)
+    arrays, the map of a fused layer (kernels/activation.py; no residual when None). Stored
+    through the caches: launch.py asks for stores past them only for the plain map."""
+    for b in range(x.shape[2]):
+        z = (_up(x[a, c, b]) - mean) * scale + offset
+        if residual is not None:
+            z += _up(residual[a, c, b])
+        y[a, c, b] = _down(activate(act, z, slope, alpha), y)
+
+
 # rows summed in the data's dtype before each float64 carry (see _channel_sums_rows);
 # with 64 rows a block rather than 16, the sum pass on 32x256x14x14 channels_last took
 # 0.85x to 0.94x the time (a quarter as many carries of C values); docs/benchmarks.md
@@ -465,12 +515,14 @@ ROW_BLOCK = 64
 
 
 @njit(**_parallel)
-def _channel_sums_rows(x, shift, other, threads):
+def _channel_sums_rows(x, shift, other, threads, act, law, residual):
     """Per-chunk float64 sums over the rows of (A, C) data, vectorized over C.
 
     ``shift`` has the compute dtype.
     With ``other`` None: sum(x - shift) and sum((x - shift)^2).
-    With ``other`` given: sum(other) and sum(other * (x - shift)).
+    With ``other`` given: sum(g) and sum(g * (x - shift)), g = other taken through a fused
+    layer's activation (_through; ``law`` with per-channel scale and offset arrays,
+    ``residual`` (A, C) or None).
     Returns two (chunks, C) arrays; the caller adds the chunks.
 
     Blocks of ROW_BLOCK rows are summed in the compute dtype (8 float32 lanes per
@@ -480,6 +532,7 @@ def _channel_sums_rows(x, shift, other, threads):
     rows are summed a step (64x64x32x32 channels_last: 0.35 against 0.52 ms); the
     gradient sums stay one row a step, which was faster for them (0.51 against 0.99).
     """
+    literally(act)
     A, C = x.shape
     chunks = min(threads, A)
     first = np.zeros((chunks, C))
@@ -514,7 +567,8 @@ def _channel_sums_rows(x, shift, other, threads):
                         block_first[c] += d
                         block_second[c] += d * d
                     else:
-                        g = _up(other[b, c])
+                        r = None if residual is None else _up(residual[b, c])
+                        g = _through(act, _row_law(law, c), _up(other[b, c]), d, r)
                         block_first[c] += g
                         block_second[c] += g * d
             for c in range(C):
@@ -530,7 +584,7 @@ def _channel_sums_rows(x, shift, other, threads):
         for c in range(C):
             redo |= not (math.isfinite(f[c]) and math.isfinite(s[c]))
         if redo:
-            wide_first, wide_second = _rows_sums_float64(x, shift, other, lo, hi)
+            wide_first, wide_second = _rows_sums_float64(x, shift, other, lo, hi, act, law, residual)
             for c in range(C):
                 if not (math.isfinite(f[c]) and math.isfinite(s[c])):
                     f[c], s[c] = wide_first[c], wide_second[c]
@@ -538,8 +592,9 @@ def _channel_sums_rows(x, shift, other, threads):
 
 
 @njit(**_serial)
-def _rows_sums_float64(x, shift, other, lo, hi):
+def _rows_sums_float64(x, shift, other, lo, hi, act, law, residual):
     """The sums of _channel_sums_rows over rows lo to hi of (A, C) data, float64 terms."""
+    literally(act)
     C = x.shape[1]
     first = np.zeros(C)
     second = np.zeros(C)
@@ -550,22 +605,31 @@ def _rows_sums_float64(x, shift, other, lo, hi):
                 first[c] += d
                 second[c] += d * d
             else:
-                g = np.float64(_up(other[a, c]))
+                r = None if residual is None else np.float64(_up(residual[a, c]))
+                g = _through(act, _row_law(law, c), np.float64(_up(other[a, c])), d, r)
                 first[c] += g
                 second[c] += g * d
     return first, second
 
 
 @njit(**_parallel)
-def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal):
+def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal, act, slope, alpha, residual):
     """y = (x - mean) * scale + offset per channel, on (A, C) data; y stored past the caches
-    when ``nontemporal`` (rows of whole cache lines; per-channel values loaded as vectors)."""
+    when ``nontemporal`` (rows of whole cache lines; per-channel values loaded as vectors).
+    A fused layer's map: y = act(that + residual), stored through the caches."""
+    literally(act)
     A, C = x.shape
     chunks = min(threads, A)
     step, size, channel_size = VECTOR_BYTES // mean.itemsize, x.itemsize, mean.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
-            if nontemporal:
+            if act != IDENTITY or residual is not None:
+                for c in range(C):
+                    z = (_up(x[a, c]) - mean[c]) * scale[c] + offset[c]
+                    if residual is not None:
+                        z += _up(residual[a, c])
+                    y[a, c] = _down(activate(act, z, slope, alpha), y)
+            elif nontemporal:
                 for c in range(0, C, step):
                     at, k = (a * C + c) * size, c * channel_size
                     _affine_nt(
@@ -575,7 +639,7 @@ def _centered_affine_rows(x, mean, scale, offset, y, threads, nontemporal):
             else:
                 for c in range(C):
                     y[a, c] = _down((_up(x[a, c]) - mean[c]) * scale[c] + offset[c], y)
-        if nontemporal:
+        if nontemporal and act == IDENTITY and residual is None:
             _store_fence()
 
 
@@ -595,15 +659,19 @@ def _finish_chunks(shift, first, second, m, eps, weight, mean_out, invstd_out, v
 
 
 @njit(**_serial)
-def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
-    """Algorithm 1 on (A, C) data (channels last): sums over row chunks, then the map."""
+def forward_train_rows(
+    x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal, act, slope, alpha, residual
+):
+    """Algorithm 1 on (A, C) data (channels last): sums over row chunks, then the map (a
+    fused layer's: act(y + residual))."""
+    literally(act)
     A, C = x.shape
     shift = np.empty_like(mean_out)
     for c in range(C):
         shift[c] = _up(x[0, c])
-    first, second = _channel_sums_rows(x, shift, None, threads)
+    first, second = _channel_sums_rows(x, shift, None, threads, IDENTITY, None, None)
     scale = _finish_chunks(shift, first, second, A, eps, weight, mean_out, invstd_out, var_out)
-    _centered_affine_rows(x, mean_out, scale, bias, y, threads, nontemporal)
+    _centered_affine_rows(x, mean_out, scale, bias, y, threads, nontemporal, act, slope, alpha, residual)
 
 
 # ------------------------------------------ forward, train, in memory order
@@ -620,13 +688,14 @@ def forward_train_rows(x, weight, bias, eps, y, mean_out, invstd_out, var_out, t
 
 
 @njit(**_parallel)
-def _channel_sums_stream(x, shift, other, threads):
+def _channel_sums_stream(x, shift, other, threads, act, law, residual):
     """Per-chunk float64 sums over (A, C, B) data, its A * C rows split into ``threads``
     chunks in memory order; as _channel_sums_rows: without ``other``, sum(x - shift) and
-    sum((x - shift)^2), with it sum(other) and sum(other * (x - shift)). Each row is
+    sum((x - shift)^2), with it sum(g) and sum(g * (x - shift)), g through the activation. Each row is
     summed in the compute dtype as one span (rows here are shorter than
     PREFETCH_ROW_BYTES: at most 2047 half values, a relative error below 69 * 2^-24)
     and carried in float64 into its channel's sum in the chunk."""
+    literally(act)
     A, C, B = x.shape
     rows = A * C
     chunks = min(threads, rows)
@@ -639,7 +708,7 @@ def _channel_sums_stream(x, shift, other, threads):
         a = start // C
         c = start - a * C
         for _ in range(start, (t + 1) * rows // chunks):  # rows (a, c) in memory order
-            f, s = _span_sums_carried(x, other, a, c, 0, B, shift[c])
+            f, s = _span_sums_carried(x, other, a, c, 0, B, shift[c], act, _row_law(law, c), residual)
             first[t, c] += f
             second[t, c] += s
             c += 1
@@ -650,15 +719,18 @@ def _channel_sums_stream(x, shift, other, threads):
 
 
 @njit(**_serial)
-def forward_train_stream(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
+def forward_train_stream(
+    x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal, act, slope, alpha, residual
+):
     """Algorithm 1 on (A, C, B) data in two passes in memory order: the sums, then the map."""
+    literally(act)
     A, C, B = x.shape
     shift = np.empty_like(mean_out)
     for c in range(C):
         shift[c] = _up(x[0, c, 0])
-    first, second = _channel_sums_stream(x, shift, None, threads)
+    first, second = _channel_sums_stream(x, shift, None, threads, IDENTITY, None, None)
     scale = _finish_chunks(shift, first, second, A * B, eps, weight, mean_out, invstd_out, var_out)
-    _centered_affine_channels(x, mean_out, scale, bias, y, threads, nontemporal)
+    _centered_affine_channels(x, mean_out, scale, bias, y, threads, nontemporal, act, slope, alpha, residual)
 
 
 # ----------------------------------------------------------------- forward, eval
@@ -681,9 +753,11 @@ def _eval_scale(running_mean, running_var, weight, eps):
 
 
 @njit(**_parallel)
-def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
+def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal, act, slope, alpha, residual):
     """y = (x - mean) * scale + offset per channel, on (A, C, B) data, its A * C rows split
-    into ``threads`` chunks in memory order; y stored past the caches when ``nontemporal``."""
+    into ``threads`` chunks in memory order; y stored past the caches when ``nontemporal``;
+    a fused layer's map act(y + residual) through them (_activated_row)."""
+    literally(act)
     A, C, B = x.shape
     rows = A * C
     chunks = min(threads, rows)
@@ -695,7 +769,9 @@ def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
             mu = mean[c]
             s = scale[c]
             o = offset[c]
-            if nontemporal:
+            if act != IDENTITY or residual is not None:
+                _activated_row(x, y, a, c, mu, s, o, act, slope, alpha, residual)
+            elif nontemporal:
                 _affine_row_nt(x, y, a, c, mu, s, o)
             else:
                 for b in range(B):
@@ -704,34 +780,48 @@ def _centered_affine_channels(x, mean, scale, offset, y, threads, nontemporal):
             if c == C:
                 c = 0
                 a += 1
-        if nontemporal:
+        if nontemporal and act == IDENTITY and residual is None:
             _store_fence()
 
 
 @njit(**_serial)
-def forward_eval_channels(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
+def forward_eval_channels(
+    x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal, act, slope, alpha, residual
+):
+    literally(act)
     mean, scale = _eval_scale(running_mean, running_var, weight, eps)
-    _centered_affine_channels(x, mean, scale, bias, y, threads, nontemporal)
+    _centered_affine_channels(x, mean, scale, bias, y, threads, nontemporal, act, slope, alpha, residual)
 
 
 @njit(**_serial)
-def forward_eval_rows(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
+def forward_eval_rows(
+    x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal, act, slope, alpha, residual
+):
+    literally(act)
     mean, scale = _eval_scale(running_mean, running_var, weight, eps)
-    _centered_affine_rows(x, mean, scale, bias, y, threads, nontemporal)
+    _centered_affine_rows(x, mean, scale, bias, y, threads, nontemporal, act, slope, alpha, residual)
 
 
 # ---------------------------------------------------------------------- backward
 
 
 @njit(**_parallel)
-def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias, nontemporal):
-    """Gradients on (A, C, B) data, one channel per task.
+def backward_channels(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal, bias, act, slope, alpha,
+    residual, dresidual,
+):  # fmt: skip
+    """Gradients on (A, C, B) data, one channel per task (``threads`` not used, as in
+    forward_train_channels).
 
     sum_dy = sum dy, sum_dy_xhat = sum dy * xhat (these are dbeta and dgamma), then
     training:  dx = gamma*invstd/m * (m*dy - sum_dy - xhat*sum_dy_xhat)
     eval:      dx = gamma*invstd * dy      (the statistics are constants)
-    dx is skipped when it has no rows.
+    dx is skipped when it has no rows. A fused layer, out = act(y + residual), first takes
+    the output's gradient through the activation, dy = d_out * act'(y + residual) (_through,
+    recomputed from x in both passes), which is also the residual's gradient (dresidual,
+    written beside dx when given; dx then has rows).
     """
+    literally(act)
     A, C, B = x.shape
     m = A * B
     x_base, dy_base, row_bytes = x.ctypes.data, dy.ctypes.data, _prefetch_bytes(x)
@@ -740,13 +830,14 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
             _prefetch_row(x_base, a * C + c, row_bytes)
             _prefetch_row(dy_base, a * C + c, row_bytes)
         mu = np.float64(mean[c])
+        law = (weight[c] * invstd[c], bias[c], slope, alpha)  # z = (x - mean) * scale + offset
         total = 0.0
         total_x = 0.0
         for a in range(A):
             if a + PREFETCH_ROWS < A:
                 _prefetch_row(x_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
                 _prefetch_row(dy_base, (a + PREFETCH_ROWS) * C + c, row_bytes)
-            f, s = _row_sums(x, dy, a, c, mean[c])
+            f, s = _row_sums(x, dy, a, c, mean[c], act, law, residual)
             total += f
             total_x += s
         inv = np.float64(invstd[c])
@@ -763,7 +854,12 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
         coef[2] = -gain / m * total
         coef[3] = mu
         a_dy = coef[0]
-        if training:
+        if act != IDENTITY:
+            a_x = coef[1] if training else like(0.0, a_dy)
+            const = coef[2] if training else like(0.0, a_dy)
+            for a in range(A):
+                _activated_dx_row(dy, x, dx, a, c, a_dy, coef[3], a_x, const, act, law, residual, dresidual)
+        elif training:
             mu_x = coef[3]
             a_x = coef[1]
             const = coef[2]
@@ -779,6 +875,20 @@ def backward_channels(dy, x, mean, invstd, weight, training, dx, dweight, dbias,
             for a in range(A):
                 for b in range(B):
                     dx[a, c, b] = _down(_up(dy[a, c, b]) * a_dy, dx)
+
+
+@njit(inline="always", **_serial)
+def _activated_dx_row(dy, x, dx, a, c, dy_scale, center, x_scale, const, act, law, residual, dresidual):
+    """dx[a, c, :] = g * dy_scale + (x - center) * x_scale + const with g = dy through a fused
+    layer's activation (_through, ``law`` for channel c), on (A, C, B) arrays; g also to
+    dresidual when given."""
+    for b in range(x.shape[2]):
+        d = _up(x[a, c, b]) - center
+        r = None if residual is None else _up(residual[a, c, b])
+        g = _through(act, law, _up(dy[a, c, b]), d, r)
+        if dresidual is not None:
+            dresidual[a, c, b] = _down(g, dresidual)
+        dx[a, c, b] = _down(g * dy_scale + (d * x_scale + const), dx)
 
 
 @njit(**_serial)
@@ -809,31 +919,45 @@ def _backward_coefficients(first, second, invstd, weight, training, m, dweight, 
 
 
 @njit(**_serial)
-def backward_rows(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
+def backward_rows(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal, bias, act, slope, alpha,
+    residual, dresidual,
+):  # fmt: skip
     """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
+    literally(act)
     A, C = x.shape
-    first, second = _channel_sums_rows(x, mean, dy, threads)
+    law = (weight * invstd, bias, slope, alpha)
+    first, second = _channel_sums_rows(x, mean, dy, threads, act, law, residual)
     dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A, dweight, dbias)
     if dx.shape[0] == 0:
         return
-    _two_term_rows(dy, x, mean, dy_scale, x_scale, const, dx, threads, nontemporal)
+    _two_term_rows(dy, x, mean, dy_scale, x_scale, const, dx, threads, nontemporal, act, law, residual, dresidual)
 
 
 @njit(**_serial)
-def backward_stream(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
+def backward_stream(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal, bias, act, slope, alpha,
+    residual, dresidual,
+):  # fmt: skip
     """Gradients on (A, C, B) data in two passes in memory order; formulas of backward_channels."""
+    literally(act)
     A, C, B = x.shape
-    first, second = _channel_sums_stream(x, mean, dy, threads)
+    law = (weight * invstd, bias, slope, alpha)
+    first, second = _channel_sums_stream(x, mean, dy, threads, act, law, residual)
     dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A * B, dweight, dbias)
     if dx.shape[0] == 0:
         return
-    _two_term_channels(dy, x, mean, dy_scale, x_scale, const, dx, threads, nontemporal)
+    _two_term_channels(dy, x, mean, dy_scale, x_scale, const, dx, threads, nontemporal, act, law, residual, dresidual)
 
 
 @njit(**_parallel)
-def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemporal):
+def _two_term_channels(
+    dy, x, center, dy_scale, x_scale, const, dx, threads, nontemporal, act, law, residual, dresidual
+):
     """dx = dy * dy_scale + (x - center) * x_scale + const per channel on (A, C, B) data,
-    rows in ``threads`` chunks as _centered_affine_channels, dx past the caches when ``nontemporal``."""
+    rows in ``threads`` chunks as _centered_affine_channels, dx past the caches when ``nontemporal``;
+    with a fused layer's activation, dy taken through it first (_activated_dx_row)."""
+    literally(act)
     A, C, B = x.shape
     rows = A * C
     chunks = min(threads, rows)
@@ -846,7 +970,9 @@ def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, non
             k = center[c]
             q = x_scale[c]
             o = const[c]
-            if nontemporal:
+            if act != IDENTITY:
+                _activated_dx_row(dy, x, dx, a, c, p, k, q, o, act, _row_law(law, c), residual, dresidual)
+            elif nontemporal:
                 _two_term_row_nt(dy, x, dx, a, c, p, k, q, o)
             else:
                 for b in range(B):
@@ -855,20 +981,30 @@ def _two_term_channels(dy, x, center, dy_scale, x_scale, const, dx, threads, non
             if c == C:
                 c = 0
                 a += 1
-        if nontemporal:
+        if nontemporal and act == IDENTITY:
             _store_fence()
 
 
 @njit(**_parallel)
-def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemporal):
+def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemporal, act, law, residual, dresidual):
     """dx = dy * dy_scale + (x - center) * x_scale + const per channel, rows in parallel; dx
-    past the caches as in _centered_affine_rows."""
+    past the caches as in _centered_affine_rows; with a fused layer's activation, dy taken
+    through it first, and written to dresidual when given."""
+    literally(act)
     A, C = x.shape
     chunks = min(threads, A)
     step, size, channel_size = VECTOR_BYTES // center.itemsize, x.itemsize, center.itemsize
     for t in prange(chunks):
         for a in range(t * A // chunks, (t + 1) * A // chunks):
-            if nontemporal:
+            if act != IDENTITY:
+                for c in range(C):
+                    d = _up(x[a, c]) - center[c]
+                    r = None if residual is None else _up(residual[a, c])
+                    g = _through(act, _row_law(law, c), _up(dy[a, c]), d, r)
+                    if dresidual is not None:
+                        dresidual[a, c] = _down(g, dresidual)
+                    dx[a, c] = _down(g * dy_scale[c] + (d * x_scale[c] + const[c]), dx)
+            elif nontemporal:
                 for c in range(0, C, step):
                     at, k = (a * C + c) * size, c * channel_size
                     _two_term_nt(
@@ -881,7 +1017,7 @@ def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemp
                     dx[a, c] = _down(
                         _up(dy[a, c]) * dy_scale[c] + ((_up(x[a, c]) - center[c]) * x_scale[c] + const[c]), dx
                     )
-        if nontemporal:
+        if nontemporal and act == IDENTITY:
             _store_fence()
 
 
@@ -983,15 +1119,9 @@ def update_at_signature(zero) -> tuple:
     return (types.int64,) * 5 + (types.boolean, types.int64, types.float64, types.int64, types.float64, typeof(zero))
 
 
-# ------------------------------------------- the parallel kernels by address
+# ------------------------------------------- arrays of the kernels by address
 #
-# launch.py calls these: a numpy view of a tensor costs 1.5 to 5 us to make, an
-# address a fraction of one. Data is (A, C, B) as above; the ``_rows_at`` kernels
-# take B == 1 data as (A, C), the ``_channels_at`` and ``_stream_at`` kernels the rest
-# (the channel-major ones ignore ``threads``; prange splits channels). The data (x, y,
-# dy, dx) holds values of ``stored``'s type (half precision as its bits, see above),
-# the per-channel tensors C values of the compute dtype, ``zero``'s. Separate functions rather than one with a
-# branch, so that a first call compiles only the kernels its layout uses.
+# kernels/addressed.py calls the kernels above with arrays made here from addresses.
 
 
 @njit(**_serial)
@@ -1007,101 +1137,3 @@ def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum,
     if running_mean == 0:
         return True
     return update_running_stats_at(running_mean, running_var, counter, mean, var, False, C, 0.0, m, momentum, zero)
-
-
-@njit(**_serial)
-def forward_train_channels_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
-    running_mean, running_var, counter, momentum,
-):  # fmt: skip
-    """forward_train_channels; the statistics go to mean, invstd and var, then the
-    running update of update_running_stats_at unless ``running_mean`` is 0 (one call
-    from Python instead of two). Returns False when the update was refused (statistics
-    not finite)."""
-    forward_train_channels(
-        _at(x, (A, C, B), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), stored),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), nontemporal,
-    )  # fmt: skip
-    return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
-
-
-@njit(**_serial)
-def forward_train_rows_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
-    running_mean, running_var, counter, momentum,
-):  # fmt: skip
-    """forward_train_rows (B == 1); statistics, update and result as forward_train_channels_at."""
-    forward_train_rows(
-        _at(x, (A, C), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C), stored),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
-    )  # fmt: skip
-    return _update_after(running_mean, running_var, counter, mean, var, C, A, momentum, zero)
-
-
-@njit(**_serial)
-def forward_train_stream_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
-    running_mean, running_var, counter, momentum,
-):  # fmt: skip
-    """forward_train_stream; statistics, update and result as forward_train_channels_at."""
-    forward_train_stream(
-        _at(x, (A, C, B), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), stored),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
-    )  # fmt: skip
-    return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
-
-
-@njit(**_serial)
-def forward_eval_channels_at(
-    x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero, stored
-):
-    forward_eval_channels(
-        _at(x, (A, C, B), stored), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C, B), stored), threads, nontemporal,
-    )  # fmt: skip
-
-
-@njit(**_serial)
-def forward_eval_rows_at(
-    x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero, stored
-):
-    forward_eval_rows(
-        _at(x, (A, C), stored), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C), stored), threads, nontemporal,
-    )  # fmt: skip
-
-
-@njit(**_serial)
-def backward_channels_at(
-    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
-):
-    """backward_channels; no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), stored)
-    backward_channels(
-        _at(dy, (A, C, B), stored), _at(x, (A, C, B), stored), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), nontemporal,
-    )  # fmt: skip
-
-
-@njit(**_serial)
-def backward_rows_at(
-    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
-):
-    """backward_rows (B == 1); no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C), stored)
-    backward_rows(
-        _at(dy, (A, C), stored), _at(x, (A, C), stored), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
-    )  # fmt: skip
-
-
-@njit(**_serial)
-def backward_stream_at(
-    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
-):
-    """backward_stream; no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), stored)
-    backward_stream(
-        _at(dy, (A, C, B), stored), _at(x, (A, C, B), stored), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
-    )  # fmt: skip

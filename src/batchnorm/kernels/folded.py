@@ -15,10 +15,11 @@ enough rows); measurements in docs/benchmarks.md.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import literally, njit, types
+from numba.extending import overload
 
+from .activation import IDENTITY
 from .cpu import (
-    _at,
     _backward_coefficients,
     _centered_affine_rows,
     _channel_sums_rows,
@@ -27,7 +28,6 @@ from .cpu import (
     _serial,
     _two_term_rows,
     _up,
-    _update_after,
 )
 
 
@@ -35,6 +35,17 @@ from .cpu import (
 def _spread(values, B):
     """Per-column values of (A, C * B) data: each of the C per-channel values B times."""
     return np.repeat(values, B)
+
+
+def _columns(t, A, columns):
+    """(A, C, B) data as (A, C * B); None stays None (no residual)."""
+
+
+@overload(_columns, jit_options=_serial)
+def _columns_overload(t, A, columns):
+    if isinstance(t, types.NoneType):
+        return lambda t, A, columns: None
+    return lambda t, A, columns: t.reshape((A, columns))
 
 
 @njit(**_serial)
@@ -52,38 +63,52 @@ def _fold(sums, B):
 
 
 @njit(**_serial)
-def forward_train_folded(x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal):
+def forward_train_folded(
+    x, weight, bias, eps, y, mean_out, invstd_out, var_out, threads, nontemporal, act, slope, alpha, residual
+):
     """Algorithm 1 on (A, C, B) data as (A, C * B): per-column sums around each channel's
-    first value, added per channel into the statistics, then the map with per-column values."""
+    first value, added per channel into the statistics, then the map with per-column values
+    (a fused layer's: act(y + residual))."""
+    literally(act)
     A, C, B = x.shape
     columns = x.reshape((A, C * B))
     shift = np.empty_like(mean_out)
     for c in range(C):
         shift[c] = _up(x[0, c, 0])
-    first, second = _channel_sums_rows(columns, _spread(shift, B), None, threads)
+    first, second = _channel_sums_rows(columns, _spread(shift, B), None, threads, IDENTITY, None, None)
     scale = _finish_chunks(shift, _fold(first, B), _fold(second, B), A * B, eps, weight, mean_out, invstd_out, var_out)
     _centered_affine_rows(
-        columns, _spread(mean_out, B), _spread(scale, B), _spread(bias, B), y.reshape((A, C * B)), threads, nontemporal
-    )
-
-
-@njit(**_serial)
-def forward_eval_folded(x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal):
-    """The affine map of Algorithm 2 on (A, C, B) data as (A, C * B), per-column values."""
-    A, C, B = x.shape
-    mean, scale = _eval_scale(running_mean, running_var, weight, eps)
-    _centered_affine_rows(
-        x.reshape((A, C * B)), _spread(mean, B), _spread(scale, B), _spread(bias, B), y.reshape((A, C * B)),
-        threads, nontemporal,
+        columns, _spread(mean_out, B), _spread(scale, B), _spread(bias, B), y.reshape((A, C * B)), threads, nontemporal,
+        act, slope, alpha, _columns(residual, A, C * B),
     )  # fmt: skip
 
 
 @njit(**_serial)
-def backward_folded(dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal):
+def forward_eval_folded(
+    x, running_mean, running_var, weight, bias, eps, y, threads, nontemporal, act, slope, alpha, residual
+):
+    """The affine map of Algorithm 2 on (A, C, B) data as (A, C * B), per-column values."""
+    literally(act)
+    A, C, B = x.shape
+    mean, scale = _eval_scale(running_mean, running_var, weight, eps)
+    _centered_affine_rows(
+        x.reshape((A, C * B)), _spread(mean, B), _spread(scale, B), _spread(bias, B), y.reshape((A, C * B)),
+        threads, nontemporal, act, slope, alpha, _columns(residual, A, C * B),
+    )  # fmt: skip
+
+
+@njit(**_serial)
+def backward_folded(
+    dy, x, mean, invstd, weight, training, dx, dweight, dbias, threads, nontemporal, bias, act, slope, alpha,
+    residual, dresidual,
+):  # fmt: skip
     """Gradients on (A, C, B) data as (A, C * B); formulas of cpu.backward_channels."""
+    literally(act)
     A, C, B = x.shape
     columns, dy_columns, center = x.reshape((A, C * B)), dy.reshape((A, C * B)), _spread(mean, B)
-    first, second = _channel_sums_rows(columns, center, dy_columns, threads)
+    law = (_spread(weight * invstd, B), _spread(bias, B), slope, alpha)
+    residual_columns = _columns(residual, A, C * B)
+    first, second = _channel_sums_rows(columns, center, dy_columns, threads, act, law, residual_columns)
     dy_scale, x_scale, const = _backward_coefficients(
         _fold(first, B), _fold(second, B), invstd, weight, training, A * B, dweight, dbias
     )
@@ -91,43 +116,5 @@ def backward_folded(dy, x, mean, invstd, weight, training, dx, dweight, dbias, t
         return
     _two_term_rows(
         dy_columns, columns, center, _spread(dy_scale, B), _spread(x_scale, B), _spread(const, B),
-        dx.reshape((A, C * B)), threads, nontemporal,
-    )  # fmt: skip
-
-
-# ----------------------------------------------------- by address, as cpu.py's
-
-
-@njit(**_serial)
-def forward_train_folded_at(
-    x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
-    running_mean, running_var, counter, momentum,
-):  # fmt: skip
-    """forward_train_folded; statistics, update and result as cpu.forward_train_channels_at."""
-    forward_train_folded(
-        _at(x, (A, C, B), stored), _at(weight, C, zero), _at(bias, C, zero), eps, _at(y, (A, C, B), stored),
-        _at(mean, C, zero), _at(invstd, C, zero), _at(var, C, zero), threads, nontemporal,
-    )  # fmt: skip
-    return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
-
-
-@njit(**_serial)
-def forward_eval_folded_at(
-    x, running_mean, running_var, weight, bias, y, A, C, B, eps, threads, nontemporal, zero, stored
-):
-    forward_eval_folded(
-        _at(x, (A, C, B), stored), _at(running_mean, C, zero), _at(running_var, C, zero), _at(weight, C, zero),
-        _at(bias, C, zero), eps, _at(y, (A, C, B), stored), threads, nontemporal,
-    )  # fmt: skip
-
-
-@njit(**_serial)
-def backward_folded_at(
-    dy, x, mean, invstd, weight, training, dx, dweight, dbias, A, C, B, threads, nontemporal, zero, stored
-):
-    """backward_folded; no dx when its address is 0 (an empty array stands in)."""
-    dx_array = _at(dx if dx != 0 else x, (A if dx != 0 else 0, C, B), stored)
-    backward_folded(
-        _at(dy, (A, C, B), stored), _at(x, (A, C, B), stored), _at(mean, C, zero), _at(invstd, C, zero),
-        _at(weight, C, zero), training, dx_array, _at(dweight, C, zero), _at(dbias, C, zero), threads, nontemporal,
+        dx.reshape((A, C * B)), threads, nontemporal, act, law, residual_columns, _columns(dresidual, A, C * B),
     )  # fmt: skip

@@ -1,0 +1,93 @@
+"""The activations of the fused kernels, one code each, and their derivatives.
+
+    identity    z
+    relu        max(z, 0)                              d/dz: 1 if z > 0 else 0
+    leaky_relu  z if z > 0 else slope * z                    1 if z > 0 else slope
+    elu         z if z > 0 else alpha * (exp(z) - 1)         1 if z > 0 else alpha * exp(z)
+    silu        z * s, s = 1 / (1 + exp(-z))                 s * (1 + z * (1 - s))
+    gelu        z * P(z), P the normal CDF                   P(z) + z * exp(-z^2 / 2) / sqrt(2 pi)
+    gelu_tanh   z/2 * (1 + tanh(u)), u = k (z + 0.044715 z^3), k = sqrt(2/pi)
+                d/dz: (1 + t)/2 + z/2 * (1 - t^2) * k * (1 + 3 * 0.044715 z^2), t = tanh(u)
+
+The kernels take the code as a compile-time constant (Numba's ``literally``): each
+activation compiles its own specialization of the one kernel, with no branch left in the
+loops. ``z`` has the compute dtype (float32 for half-precision data), and so do ``slope``
+and ``alpha``, so that nothing widens. A NaN stays a NaN; relu and leaky_relu send -inf
+to 0 and -inf as torch does.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import njit
+from numba.extending import overload
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh")
+IDENTITY, RELU, LEAKY_RELU, ELU, SILU, GELU, GELU_TANH = range(len(ACTIVATIONS))
+CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+_inline = dict(inline="always", fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True, nogil=True)
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+_K = 0.7978845608028654  # sqrt(2 / pi)
+_CUBIC = 0.044715
+
+
+def like(value, z):
+    """The constant ``value`` in the float type of ``z`` (a Python float is a float64 in
+    Numba, and float32 * float64 computes in float64)."""
+
+
+@overload(like, jit_options=dict(cache=True, nogil=True))
+def _like_overload(value, z):
+    kind = z
+
+    def cast(value, z):
+        return kind(value)
+
+    return cast
+
+
+@njit(**_inline)
+def activate(act, z, slope, alpha):
+    """The activation ``act`` (a code of ACTIVATIONS) at z."""
+    one = like(1.0, z)
+    if act == RELU:
+        return z if not z <= 0 else like(0.0, z)  # -0.0 and -inf give 0; a NaN stays
+    if act == LEAKY_RELU:
+        return z if not z <= 0 else z * slope
+    if act == ELU:
+        return z if not z <= 0 else alpha * (math.exp(z) - one)
+    if act == SILU:
+        return z / (one + math.exp(-z))
+    if act == GELU:
+        half = like(0.5, z)
+        return z * (half + half * math.erf(z * like(_SQRT_HALF, z)))
+    if act == GELU_TANH:
+        return like(0.5, z) * z * (one + math.tanh(like(_K, z) * (z + like(_CUBIC, z) * z * z * z)))
+    return z
+
+
+@njit(**_inline)
+def derivative(act, z, slope, alpha):
+    """d activate(act, z) / dz; at z == 0 the derivative from the left, and at a NaN the
+    branch torch takes there."""
+    one = like(1.0, z)
+    if act == RELU:
+        return one if not z <= 0 else like(0.0, z)
+    if act == LEAKY_RELU:
+        return one if z > 0 else slope
+    if act == ELU:
+        return one if not z <= 0 else alpha * math.exp(z)
+    if act == SILU:
+        s = one / (one + math.exp(-z))
+        return s * (one + z * (one - s))
+    half = like(0.5, z)
+    if act == GELU:
+        return (half + half * math.erf(z * like(_SQRT_HALF, z))) + z * math.exp(-half * z * z) * like(_INV_SQRT_2PI, z)
+    if act == GELU_TANH:
+        k, cubic = like(_K, z), like(_CUBIC, z)
+        t = math.tanh(k * (z + cubic * z * z * z))
+        return half * (one + t) + half * z * (one - t * t) * k * (one + like(3.0, z) * cubic * z * z)
+    return one
