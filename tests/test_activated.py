@@ -24,11 +24,11 @@ FUSED = {2: batchnorm.BatchNormAct1d, 3: batchnorm.BatchNormAct1d, 4: batchnorm.
 TORCH = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
 
 
-def _pair(C, activation, dtype=torch.float64):
-    ours = FUSED[4](C, activation, negative_slope=0.2, alpha=0.5).to(dtype)
+def _pair(C, activation, dtype=torch.float64, inplace=False):
+    ours = FUSED[4](C, activation, negative_slope=0.2, alpha=0.5, inplace=inplace).to(dtype)
     theirs = TORCH[4](C).to(dtype)
-    with torch.no_grad():
-        ours.weight.copy_(torch.linspace(0.5, 1.5, C))
+    with torch.no_grad():  # negative gammas too where the output is inverted
+        ours.weight.copy_(torch.linspace(-1.5, 1.5, C) if inplace else torch.linspace(0.5, 1.5, C))
         ours.bias.copy_(torch.linspace(-1, 1, C))
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
@@ -52,11 +52,11 @@ def kernels_taken(routes):
     assert routes and set(routes) <= {route.KERNELS, route.KERNELS_RECORDED}
 
 
-def _train_and_eval_three_ways(x, r, activation, tolerance=None):
+def _train_and_eval_three_ways(x, r, activation, tolerance=None, inplace=False):
     """The fused layer, torch's layer + add + activation, and the float64 formula: outputs and
     every gradient in training, the running statistics, then the output and gradients in eval."""
     C = x.shape[1]
-    ours, theirs = _pair(C, activation, x.dtype)
+    ours, theirs = _pair(C, activation, x.dtype, inplace)
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, r, x, r)]
     a, ra, b, rb = leaves
     y = ours(a, ra)
@@ -77,12 +77,17 @@ def _train_and_eval_three_ways(x, r, activation, tolerance=None):
     assert ours.num_batches_tracked.item() == 1
     ours.eval(), theirs.eval()
     a2, b2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y = ours(a2, r)
-    z = ACT[activation](theirs(b2) if r is None else theirs(b2) + r)
+    ra2, rb2 = (None, None) if r is None else (r.clone().requires_grad_(True), r.clone().requires_grad_(True))
+    ours.weight.grad = theirs.weight.grad = None
+    y = ours(a2, ra2)
+    z = ACT[activation](theirs(b2) if r is None else theirs(b2) + rb2)
     torch.testing.assert_close(y, z, **(tolerance or {}))
     y.backward(g)
     z.backward(g)
     torch.testing.assert_close(a2.grad, b2.grad, **(tolerance or {}))
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **(tolerance or {}))
+    if r is not None:
+        torch.testing.assert_close(ra2.grad, rb2.grad, **(tolerance or {}))
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -189,9 +194,11 @@ def test_compile_fullgraph():
     [
         (dict(activation="tanh"), ValueError,
          "activation must be one of identity, relu, leaky_relu, elu, silu, gelu, gelu_tanh, got activation='tanh'"),
-        (dict(inplace=True), NotImplementedError,
-         "inplace=True (in-place activated batch norm, which keeps only the output for backward) is not available "
-         "yet; use inplace=False"),
+        (dict(inplace=True), ValueError,
+         "save='output' needs an invertible activation (identity, leaky_relu with negative_slope > 0, elu with "
+         "alpha > 0), got activation='relu'"),
+        (dict(activation="leaky_relu", negative_slope=0.0, inplace=True), ValueError,
+         "save='output' needs an invertible activation: leaky_relu with negative_slope > 0, got negative_slope=0.0"),
     ],
 )  # fmt: skip
 def test_bad_options_are_refused(kwargs, error, message):
@@ -205,3 +212,65 @@ def test_a_residual_of_another_shape_is_refused_before_the_update():
         layer(torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 1))
     assert layer.num_batches_tracked.item() == 0
     assert torch.equal(layer.running_var, torch.ones(3))
+
+
+# ------------------------------------------------------- in-place activated batch norm
+
+
+def test_inplace_in_every_nchw_kernel_family(kernel_order, kernels_taken):
+    """x-hat recovered from the output (negative gammas too): torch's numbers."""
+    x = torch.randn(8, 6, 5, 5, dtype=torch.float64) * 2 + 1
+    _train_and_eval_three_ways(x, torch.randn_like(x), "leaky_relu", inplace=True)
+
+
+@pytest.mark.parametrize("activation", ["identity", "elu"])
+def test_inplace_channels_last(activation, kernels_taken):
+    x = (torch.randn(8, 6, 4, 4, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    _train_and_eval_three_ways(x, None, activation, inplace=True)
+
+
+def test_inplace_gradcheck_and_no_double_backward(kernels_taken):
+    ours = batchnorm.BatchNormAct2d(3, "leaky_relu", negative_slope=0.3, inplace=True).double()
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.7, -1.2, 1.5], dtype=torch.float64, requires_grad=True)
+    b = torch.linspace(-1, 1, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return torch.func.functional_call(ours, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    y = f(x, w, b)
+    with pytest.raises(RuntimeError, match=re.escape("double backward (create_graph=True) through an in-place")):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_what_backward_keeps(inplace):
+    """Conv-BN-LeakyReLU x3: torch's layers keep each BN's input and its output (LeakyReLU's
+    input); the fused layer keeps the BN's input; in place, only the output, which the next
+    convolution keeps anyway (saved_tensors_hooks, unique storages, parameters left out)."""
+    from batchnorm.model_bench import saved_bytes
+
+    def net(fused):
+        torch.manual_seed(0)
+        layers, inputs = [], 3
+        for width in (8, 16, 16):
+            layers.append(torch.nn.Conv2d(inputs, width, 3, padding=1, bias=False))
+            if fused:
+                layers.append(batchnorm.BatchNormAct2d(width, "leaky_relu", inplace=inplace))
+            else:
+                layers += [torch.nn.BatchNorm2d(width), torch.nn.LeakyReLU(0.01)]
+            inputs = width
+        return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(16 * 64, 2))
+
+    x = torch.randn(4, 3, 8, 8)
+    per_map = 4 * 8 * 8 * 4  # bytes of one channel's maps in the batch
+    stats = 4 * 4 * (8 + 16 + 16) + 1  # at most four float32 vectors a layer: per-channel statistics
+    # torch: x, then each layer's convolution output (the BN's input), the BN's output (the
+    # LeakyReLU's input) and the LeakyReLU's output (the next layer's input)
+    torch_maps = 3 + 3 * (8 + 16 + 16)
+    # fused: no BN output; in place: no BN input either
+    our_maps = 3 + (1 if inplace else 2) * (8 + 16 + 16)
+    torch_bytes, ours = saved_bytes(net(False), x), saved_bytes(net(True), x)
+    assert 0 <= torch_bytes - per_map * torch_maps < stats
+    assert 0 <= ours - per_map * our_maps < stats

@@ -88,8 +88,10 @@ def test_epilogue_matches_torch_from_every_destination(destination, activation, 
         (Epilogue("tanh"), ValueError, "activation must be one of identity, relu, leaky_relu, elu, silu, gelu, "
          "gelu_tanh, got activation='tanh'"),
         (Epilogue(save="both"), ValueError, "save must be 'input' or 'output', got save='both'"),
-        (Epilogue(save="output"), NotImplementedError, "save='output' (keep only the activated output for "
-         "backward) needs the fused kernels; use save='input'"),
+        (Epilogue("relu", save="output"), ValueError, "save='output' needs an invertible activation (identity, "
+         "leaky_relu with negative_slope > 0, elu with alpha > 0), got activation='relu'"),
+        (Epilogue("elu", alpha=-1.0, save="output"), ValueError, "save='output' needs an invertible activation: "
+         "elu with alpha > 0, got alpha=-1.0"),
         (Epilogue(residual=torch.zeros(4, 3)), ValueError, "residual must have the input's shape, dtype and device "
          "((4, 3, 2), torch.float32, cpu), got ((4, 3), torch.float32, cpu)"),
         (Epilogue(residual=[1.0]), TypeError, "residual must be a tensor, got list"),

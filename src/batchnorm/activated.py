@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import epilogue as epilogues
 from .epilogue import ACTIVATIONS, Epilogue
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -44,10 +45,7 @@ class _BatchNormAct:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got activation={activation!r}")
         if inplace:
-            raise NotImplementedError(
-                "inplace=True (in-place activated batch norm, which keeps only the output for backward) is not "
-                "available yet; use inplace=False"
-            )
+            epilogues.check(Epilogue(activation, negative_slope, alpha, None, "output"), None)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.activation = activation
         self.negative_slope = float(negative_slope)
@@ -56,7 +54,8 @@ class _BatchNormAct:
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """act(BN(input) + residual); ``residual`` (optional) has the input's shape, dtype and device."""
-        epilogue = Epilogue(self.activation, self.negative_slope, self.alpha, residual)
+        save = "output" if self.inplace else "input"
+        epilogue = Epilogue(self.activation, self.negative_slope, self.alpha, residual, save)
         arguments = (input,) if residual is None else (input, residual)
         return self._normalize(input, epilogue, arguments)
 
@@ -66,6 +65,8 @@ class _BatchNormAct:
             options += f", negative_slope={self.negative_slope}"
         if self.activation == "elu":
             options += f", alpha={self.alpha}"
+        if self.inplace:
+            options += ", inplace=True"
         return super().extra_repr() + options
 
 
@@ -77,7 +78,11 @@ affine, track_running_stats, device, dtype), and
     activation: one of {activations}. Default: "relu"
     negative_slope: leaky_relu's slope for z < 0. Default: 0.01
     alpha: elu's alpha. Default: 1.0
-    inplace: in-place activated batch norm; not available yet (refused). Default: False
+    inplace: in-place activated batch norm (Rota Bulo et al. 2018): backward keeps only the
+        output (and the residual, when one is added), not x, and recovers x-hat from it;
+        needs an invertible activation (identity, leaky_relu with negative_slope > 0, elu
+        with alpha > 0); a |weight| below 1e-5 counts as 1e-5 in the inversion; no double
+        backward. Default: False
 """
 
 

@@ -7,13 +7,14 @@ functional.normalize through route.normalize to the destination, so that fused l
 (BatchNormAct, in-place activated batch norm) and the variants enter the one route with
 parameters rather than a route of their own. The plain layers pass none.
 
-Today every destination normalizes and then ``apply`` computes the epilogue in torch ops,
-which autograd differentiates; fused kernels (the activation a compile-time parameter of
-the map pass, the residual one more input, the backward from the saved output) replace
-``apply`` on the kernels' destination without changing this interface. ``save`` says what
-the backward keeps: "input" (x, as the plain layer) or "output" (the activated output, from
-which an invertible activation recovers x-hat; Rota Bulo et al. 2018), which needs those
-fused kernels and is refused until they exist.
+On the kernels' destinations the epilogue is part of the kernels' passes (route.normalize,
+ops.train_fused); elsewhere (torch's kernel for small inputs, the custom ops under compile,
+the reference ops under torch.func, other devices) ``apply`` computes it in torch ops after
+the normalization, which autograd differentiates. ``save`` says what the backward keeps:
+"input" (x, gamma, beta and the residual) or "output" (in-place activated batch norm, Rota
+Bulo et al. 2018: the activated output and the residual, from which an invertible
+activation recovers x-hat; x is not kept), which the kernels' destinations honour; the
+others keep what their torch ops keep, with the same numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh")
-# activations whose output determines their input: what save="output" will take
+# activations whose output determines their input (slope and alpha > 0): what save="output" takes
 INVERTIBLE = ("identity", "leaky_relu", "elu")
 
 
@@ -45,9 +46,21 @@ def check(epilogue: Epilogue, input: Tensor) -> None:
     if epilogue.save not in ("input", "output"):
         raise ValueError(f"save must be 'input' or 'output', got save={epilogue.save!r}")
     if epilogue.save == "output":
-        raise NotImplementedError(
-            "save='output' (keep only the activated output for backward) needs the fused kernels; use save='input'"
-        )
+        invertible = epilogue.activation in INVERTIBLE
+        if epilogue.activation == "leaky_relu" and not epilogue.negative_slope > 0:
+            raise ValueError(
+                f"save='output' needs an invertible activation: leaky_relu with negative_slope > 0, got "
+                f"negative_slope={epilogue.negative_slope!r}"
+            )
+        if epilogue.activation == "elu" and not epilogue.alpha > 0:
+            raise ValueError(
+                f"save='output' needs an invertible activation: elu with alpha > 0, got alpha={epilogue.alpha!r}"
+            )
+        if not invertible:
+            raise ValueError(
+                "save='output' needs an invertible activation (identity, leaky_relu with negative_slope > 0, elu "
+                f"with alpha > 0), got activation={epilogue.activation!r}"
+            )
     residual = epilogue.residual
     if residual is not None:
         if not isinstance(residual, Tensor):

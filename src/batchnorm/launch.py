@@ -25,7 +25,7 @@ import torch
 from . import crossover
 from .buffers import pool
 from .kernels import addressed, cpu
-from .kernels.activation import CODES, IDENTITY
+from .kernels.activation import CODES, FROM_OUTPUT, IDENTITY
 from .kernels.reference import compute_dtype
 from .layout import channel_view
 
@@ -191,12 +191,15 @@ def family(A: int, C: int, B: int, itemsize: int) -> str:
 _PLAIN = addressed.kernels(IDENTITY, False)
 
 
-def _epilogue(epilogue, x: Tensor):
+def _epilogue(epilogue, x: Tensor, backward: bool = False):
     """(kernel set, residual tensor walked like x or None, slope, alpha, plain) for a fused
-    layer's epilogue (epilogue.Epilogue; None for the plain layer)."""
+    layer's epilogue (epilogue.Epilogue; None for the plain layer); the backward of one that
+    saves its output (in-place activated batch norm) takes x-hat from that output."""
     if epilogue is None:
         return _PLAIN, None, 0.0, 0.0, True
     act, residual = CODES[epilogue.activation], epilogue.residual
+    if backward and epilogue.save == "output":
+        act += FROM_OUTPUT
     if residual is not None and (residual.dtype is not x.dtype or residual.stride() != x.stride()):
         residual = pool.empty_like(x).copy_(residual)  # the kernels walk residual and x alike
     plain = act == IDENTITY and residual is None
@@ -387,13 +390,14 @@ def backward(
     dx is an empty tensor when ``input_grad`` is False, dgamma and dbeta are in the
     compute dtype. With an ``epilogue`` (a fused layer's, the forward's ``bias`` and
     residual), ``grad_output`` is the gradient of act(y + residual), and the result has a
-    fourth tensor: the residual's gradient (None without a residual)."""
-    if epilogue is not None and epilogue.activation == "identity":  # y + residual: dy goes to both
+    fourth tensor: the residual's gradient (None without a residual). With the epilogue's
+    save="output", ``input`` is the layer's output, from which x-hat is recovered."""
+    if epilogue is not None and epilogue.activation == "identity" and epilogue.save == "input":  # y + residual
         dx, dweight, dbias = backward(grad_output, input, mean, invstd, weight, training, axis, input_grad)
         return dx, dweight, dbias, (None if epilogue.residual is None else grad_output)
     threads = sync_threads()
     x, (A, C, B) = kernel_input(input, axis)
-    sets, residual, slope, alpha, plain = _epilogue(epilogue, x)
+    sets, residual, slope, alpha, plain = _epilogue(epilogue, x, backward=True)
     dtype = compute_dtype(x.dtype)
     dy = grad_output
     if dy.dtype is not x.dtype or dy.stride() != x.stride():  # the kernels walk dy and x alike

@@ -3,7 +3,8 @@ project's, and its fused layers (networks.py), and what each keeps for backward.
 
 For the CIFAR ResNet-20 and VGG-11-BN-LeakyReLU at 32x32, batch 128, NCHW and
 channels_last: the median SGD training step (forward, cross-entropy loss, backward,
-step) of three copies of the network with the same initial weights, timed in
+step) of copies of the network with the same initial weights (torch's BatchNorm2d, this
+project's, its BatchNormAct2d, and for VGG's invertible LeakyReLU in-place), timed in
 alternating rounds, ratios against torch's from the same rounds; the bytes of the
 activations autograd saves for backward in one training forward (unique storages, the
 parameters left out, torch.autograd.graph.saved_tensors_hooks); and the process's peak
@@ -23,7 +24,15 @@ from .layers import BatchNorm2d
 from .networks import resnet20, vgg11
 
 NETWORKS = {"ResNet-20": resnet20, "VGG-11-BN-LeakyReLU": vgg11}
-VARIANTS = ("torch", "batchnorm", "fused")
+VARIANTS = ("torch", "batchnorm", "fused", "in-place")
+
+
+def variants(network: str) -> tuple[str, ...]:
+    """The variants a network has: in-place activated batch norm needs an invertible
+    activation, which ResNet's relu is not."""
+    return VARIANTS if network.startswith("VGG") else VARIANTS[:3]
+
+
 LAYOUTS = ("NCHW", "channels_last")
 
 
@@ -33,6 +42,8 @@ def build(network: str, variant: str, layout: str) -> torch.nn.Module:
     make = NETWORKS[network]
     if variant == "fused":
         model = make(fused=True)
+    elif variant == "in-place":
+        model = make(fused=True, inplace=True)
     else:
         model = make(torch.nn.BatchNorm2d if variant == "torch" else BatchNorm2d)
     return model.to(memory_format=torch.channels_last) if layout == "channels_last" else model
@@ -81,14 +92,15 @@ def measure(repeat: int, batch: int = 128, networks=tuple(NETWORKS), clock=time.
     for network in networks:
         for layout in LAYOUTS:
             data = images.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else images
-            models = {variant: build(network, variant, layout) for variant in VARIANTS}
+            names = variants(network)
+            models = {variant: build(network, variant, layout) for variant in names}
             saved = {variant: saved_bytes(model, data) for variant, model in models.items()}
             steps = {variant: _step(model, data, labels) for variant, model in models.items()}
-            times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            times: dict[str, list[float]] = {variant: [] for variant in names}
             for step in steps.values():
                 step()
             for k in range(repeat):
-                order = VARIANTS if k % 2 == 0 else VARIANTS[::-1]
+                order = names if k % 2 == 0 else names[::-1]
                 for variant in order:
                     start = clock()
                     steps[variant]()
@@ -113,18 +125,19 @@ def report(results: dict, machine: str, batch: int = 128) -> str:
         f"SGD training step at batch {batch}, 32x32 input: medians in ms of alternating rounds, "
         "speed against torch.nn.BatchNorm2d's in the same rounds; saved activations in MiB",
         "",
-        "| network | layout | torch | batchnorm | fused | batchnorm speed | fused speed "
-        "| saved torch | saved fused | fused / torch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network | layout | torch ms | batchnorm | fused | in-place | saved by torch | fused | in-place |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (network, layout), result in results.items():
         step, saved = result["step"], result["saved"]
-        mib = {variant: saved[variant] / 2**20 for variant in VARIANTS}
-        lines.append(
-            f"| {network} | {layout} | {step['torch'] * 1e3:.1f} | {step['batchnorm'] * 1e3:.1f} "
-            f"| {step['fused'] * 1e3:.1f} | {step['torch'] / step['batchnorm']:.2f}x "
-            f"| {step['torch'] / step['fused']:.2f}x | {mib['torch']:.1f} | {mib['fused']:.1f} "
-            f"| {saved['fused'] / saved['torch']:.2f} |"
-        )
+        cells = [f"{step['torch'] * 1e3:.1f}"]
+        for variant in VARIANTS[1:]:
+            cells.append(
+                f"{step[variant] * 1e3:.1f} ({step['torch'] / step[variant]:.2f}x)" if variant in step else "n/a"
+            )
+        cells.append(f"{saved['torch'] / 2**20:.1f} MiB")
+        for variant in VARIANTS[2:]:
+            cells.append(f"{saved[variant] / saved['torch']:.2f}x" if variant in saved else "n/a")
+        lines.append(f"| {network} | {layout} | " + " | ".join(cells) + " |")
     lines += ["", f"Peak resident memory of this process: {peak_rss_bytes() / 2**20:.0f} MiB"]
     return "\n".join(lines)

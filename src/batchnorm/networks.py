@@ -78,9 +78,13 @@ def resnet20(norm: type[nn.Module] = nn.BatchNorm2d, classes: int = 10, blocks: 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-def vgg11(norm: type[nn.Module] = nn.BatchNorm2d, classes: int = 10, fused: bool = False, slope: float = 0.01):
+def vgg11(
+    norm: type[nn.Module] = nn.BatchNorm2d, classes: int = 10, fused: bool = False, slope: float = 0.01,
+    inplace: bool = False,
+):  # fmt: skip
     """VGG-11 with batch norm and LeakyReLU(``slope``) for 32x32 input; ``fused``: each
-    BN + LeakyReLU one BatchNormAct2d (an nn.Identity holds the activation's place)."""
+    BN + LeakyReLU one BatchNormAct2d (an nn.Identity holds the activation's place), in-place
+    activated batch norm with ``inplace``."""
     layers: list[nn.Module] = []
     inputs = 3
     for width in VGG11:
@@ -89,7 +93,7 @@ def vgg11(norm: type[nn.Module] = nn.BatchNorm2d, classes: int = 10, fused: bool
             continue
         layers.append(nn.Conv2d(inputs, width, 3, padding=1, bias=False))
         if fused:
-            layers += [BatchNormAct2d(width, "leaky_relu", negative_slope=slope), nn.Identity()]
+            layers += [BatchNormAct2d(width, "leaky_relu", negative_slope=slope, inplace=inplace), nn.Identity()]
         else:
             layers += [norm(width), nn.LeakyReLU(slope)]
         inputs = width

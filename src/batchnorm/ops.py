@@ -410,6 +410,14 @@ def _fused_by_autograd(ctx, grad_output, input, weight, bias, residual, training
     return result
 
 
+def _refuse_double_backward(ctx) -> None:
+    if ctx.epilogue.save == "output":
+        raise RuntimeError(
+            "double backward (create_graph=True) through an in-place activated batch norm (inplace=True) is not "
+            "supported: its input is not kept; use inplace=False"
+        )
+
+
 def _fused_grads(ctx, grad_output, input, weight, bias, residual, mean, invstd, training):
     """(dx, dweight, dbias, dresidual) of a fused layer: the kernels' backward through the
     activation, the statistics at addresses ``mean`` and ``invstd``."""
@@ -431,7 +439,8 @@ class _FusedTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, axis, running, epilogue):
         y, stats = _train_cpu(input, weight, bias, eps, axis, running, epilogue._replace(residual=residual))
-        ctx.save_for_backward(input, weight, bias, residual)
+        # in-place activated batch norm keeps the output in the input's place (_saved_data)
+        ctx.save_for_backward(y if epilogue.save == "output" else input, weight, bias, residual)
         ctx.stats, ctx.eps, ctx.axis, ctx.epilogue = stats, eps, axis, epilogue._replace(residual=None)
         return y
 
@@ -440,6 +449,7 @@ class _FusedTrain(torch.autograd.Function):
         input, weight, bias, residual = ctx.saved_tensors
         ctx.needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():
+            _refuse_double_backward(ctx)
             grads = _fused_by_autograd(ctx, grad_output, input, weight, bias, residual, True)
         else:
             stats = ctx.stats
@@ -457,7 +467,8 @@ class _FusedEval(torch.autograd.Function):
         y = launch.evaluate(
             input, running_mean, running_var, weight, bias, eps, axis, epilogue._replace(residual=residual)
         )
-        ctx.save_for_backward(input, running_mean, running_var, weight, bias, residual)
+        data = y if epilogue.save == "output" else input
+        ctx.save_for_backward(data, running_mean, running_var, weight, bias, residual)
         ctx.eps, ctx.axis, ctx.epilogue = eps, axis, epilogue._replace(residual=None)
         return y
 
@@ -466,6 +477,7 @@ class _FusedEval(torch.autograd.Function):
         input, running_mean, running_var, weight, bias, residual = ctx.saved_tensors
         ctx.needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:6])  # input, weight, bias, residual
         if torch.is_grad_enabled():
+            _refuse_double_backward(ctx)
             grads = _fused_by_autograd(
                 ctx, grad_output, input, weight, bias, residual, False, running_mean, running_var
             )

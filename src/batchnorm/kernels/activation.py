@@ -26,6 +26,10 @@ from numba.extending import overload
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh")
 IDENTITY, RELU, LEAKY_RELU, ELU, SILU, GELU, GELU_TANH = range(len(ACTIVATIONS))
 CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+# added to a code for the backward of in-place activated batch norm (Rota Bulo et al. 2018):
+# the kernels' data is then the layer's output, from which z = act^-1(output) is recovered
+FROM_OUTPUT = 16
+INVERTIBLE = ("identity", "leaky_relu", "elu")  # with negative_slope > 0 and alpha > 0
 
 _inline = dict(inline="always", fastmath={"reassoc", "contract", "nsz", "arcp"}, cache=True, nogil=True)
 _SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
@@ -91,3 +95,13 @@ def derivative(act, z, slope, alpha):
         t = math.tanh(k * (z + cubic * z * z * z))
         return half * (one + t) + half * z * (one - t * t) * k * (one + like(3.0, z) * cubic * z * z)
     return one
+
+
+@njit(**_inline)
+def inverse(act, out, slope, alpha):
+    """z with activate(act, z) == out, for the INVERTIBLE activations (slope, alpha > 0)."""
+    if act == LEAKY_RELU:
+        return out if out > 0 else out / slope
+    if act == ELU:
+        return out if out > 0 else math.log1p(out / alpha)
+    return out

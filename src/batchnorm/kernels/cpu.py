@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import carray, literally, njit, prange, typeof, types
 from numba.extending import intrinsic, overload
 
-from .activation import IDENTITY, activate, derivative, like
+from .activation import FROM_OUTPUT, IDENTITY, activate, derivative, inverse, like
 
 # reassoc lets LLVM vectorize the float64 reductions; no nnan/ninf (see above).
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -358,16 +358,42 @@ SPAN = 1024
 
 
 @njit(inline="always", **_serial)
-def _through(act, law, g, d, residual):
-    """A gradient ``g`` of a fused layer's output taken through its activation: g * act'(z)
-    with z = d * scale + offset + residual, d = x - mean, ``law`` = (scale, offset, slope,
-    alpha) as values or per-channel arrays indexed by the caller; ``g`` itself for identity."""
+def _through(act, law, g, value, center, residual):
+    """(g', d) for a fused layer's backward: g' = g * act'(z) the gradient ``g`` of its output
+    taken through the activation, and d = x - center. ``value`` is x, z = d * scale + offset
+    + residual, ``law`` = (scale, offset, slope, alpha, inverse_scale) as values (the caller
+    indexes per-channel arrays). With act + FROM_OUTPUT (in-place activated batch norm)
+    ``value`` is the layer's output instead: z = act^-1(value), and d = (z - residual -
+    offset) * inverse_scale, inverse_scale = 1 / (gamma * invstd) (x - mean recovered, the
+    center being the mean). Identity: (g, x - center)."""
+    if act >= FROM_OUTPUT:
+        z = inverse(act - FROM_OUTPUT, value, law[2], law[3])
+        y = z if residual is None else z - residual
+        return g * derivative(act - FROM_OUTPUT, z, law[2], law[3]), (y - law[1]) * law[4]
+    d = value - center
     if act == IDENTITY:
-        return g
+        return g, d
     z = d * law[0] + law[1]
     if residual is not None:
         z += residual
-    return g * derivative(act, z, law[2], law[3])
+    return g * derivative(act, z, law[2], law[3]), d
+
+
+@njit(**_serial)
+def _inverse_scale(weight, invstd):
+    """1 / (gamma * invstd) per channel, for the inversion of in-place activated batch norm:
+    |gamma| below INVERT_FLOOR is taken as INVERT_FLOOR with gamma's sign (inplace_abn's
+    |gamma| + eps), so that a vanishing gamma cannot divide by zero."""
+    inverse_scale = np.empty_like(invstd)
+    for c in range(invstd.shape[0]):
+        gamma = weight[c]
+        if abs(gamma) < INVERT_FLOOR:
+            gamma = INVERT_FLOOR if gamma >= 0 else -INVERT_FLOOR
+        inverse_scale[c] = 1.0 / (np.float64(gamma) * np.float64(invstd[c]))
+    return inverse_scale
+
+
+INVERT_FLOOR = 1e-5
 
 
 def _row_law(law, c):
@@ -378,7 +404,7 @@ def _row_law(law, c):
 def _row_law_overload(law, c):
     if isinstance(law, types.NoneType):
         return lambda law, c: None
-    return lambda law, c: (law[0][c], law[1][c], law[2], law[3])
+    return lambda law, c: (law[0][c], law[1][c], law[2], law[3], law[4][c])
 
 
 @njit(inline="always", **_serial)
@@ -397,9 +423,8 @@ def _span_sums(x, other, a, c, start, stop, shift, act, law, residual):
             s += d * d
     else:
         for b in range(start, stop):
-            d = _up(x[a, c, b]) - shift
             r = None if residual is None else _up(residual[a, c, b])
-            g = _through(act, law, _up(other[a, c, b]), d, r)
+            g, d = _through(act, law, _up(other[a, c, b]), _up(x[a, c, b]), shift, r)
             f += g
             s += g * d
     return f, s
@@ -562,13 +587,13 @@ def _channel_sums_rows(x, shift, other, threads, act, law, residual):
                     a += 4
             for b in range(a, stop):
                 for c in range(C):
-                    d = _up(x[b, c]) - shift[c]
                     if other is None:
+                        d = _up(x[b, c]) - shift[c]
                         block_first[c] += d
                         block_second[c] += d * d
                     else:
                         r = None if residual is None else _up(residual[b, c])
-                        g = _through(act, _row_law(law, c), _up(other[b, c]), d, r)
+                        g, d = _through(act, _row_law(law, c), _up(other[b, c]), _up(x[b, c]), shift[c], r)
                         block_first[c] += g
                         block_second[c] += g * d
             for c in range(C):
@@ -600,13 +625,14 @@ def _rows_sums_float64(x, shift, other, lo, hi, act, law, residual):
     second = np.zeros(C)
     for a in range(lo, hi):
         for c in range(C):
-            d = np.float64(_up(x[a, c])) - np.float64(shift[c])
+            value, center = np.float64(_up(x[a, c])), np.float64(shift[c])
             if other is None:
+                d = value - center
                 first[c] += d
                 second[c] += d * d
             else:
                 r = None if residual is None else np.float64(_up(residual[a, c]))
-                g = _through(act, _row_law(law, c), np.float64(_up(other[a, c])), d, r)
+                g, d = _through(act, _row_law(law, c), np.float64(_up(other[a, c])), value, center, r)
                 first[c] += g
                 second[c] += g * d
     return first, second
@@ -825,12 +851,13 @@ def backward_channels(
     A, C, B = x.shape
     m = A * B
     x_base, dy_base, row_bytes = x.ctypes.data, dy.ctypes.data, _prefetch_bytes(x)
+    inverse_scale = _inverse_scale(weight, invstd)
     for c in prange(C):
         for a in range(min(PREFETCH_ROWS, A)):
             _prefetch_row(x_base, a * C + c, row_bytes)
             _prefetch_row(dy_base, a * C + c, row_bytes)
         mu = np.float64(mean[c])
-        law = (weight[c] * invstd[c], bias[c], slope, alpha)  # z = (x - mean) * scale + offset
+        law = (weight[c] * invstd[c], bias[c], slope, alpha, inverse_scale[c])  # see _through
         total = 0.0
         total_x = 0.0
         for a in range(A):
@@ -883,9 +910,8 @@ def _activated_dx_row(dy, x, dx, a, c, dy_scale, center, x_scale, const, act, la
     layer's activation (_through, ``law`` for channel c), on (A, C, B) arrays; g also to
     dresidual when given."""
     for b in range(x.shape[2]):
-        d = _up(x[a, c, b]) - center
         r = None if residual is None else _up(residual[a, c, b])
-        g = _through(act, law, _up(dy[a, c, b]), d, r)
+        g, d = _through(act, law, _up(dy[a, c, b]), _up(x[a, c, b]), center, r)
         if dresidual is not None:
             dresidual[a, c, b] = _down(g, dresidual)
         dx[a, c, b] = _down(g * dy_scale + (d * x_scale + const), dx)
@@ -926,7 +952,7 @@ def backward_rows(
     """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
     literally(act)
     A, C = x.shape
-    law = (weight * invstd, bias, slope, alpha)
+    law = (weight * invstd, bias, slope, alpha, _inverse_scale(weight, invstd))
     first, second = _channel_sums_rows(x, mean, dy, threads, act, law, residual)
     dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A, dweight, dbias)
     if dx.shape[0] == 0:
@@ -942,7 +968,7 @@ def backward_stream(
     """Gradients on (A, C, B) data in two passes in memory order; formulas of backward_channels."""
     literally(act)
     A, C, B = x.shape
-    law = (weight * invstd, bias, slope, alpha)
+    law = (weight * invstd, bias, slope, alpha, _inverse_scale(weight, invstd))
     first, second = _channel_sums_stream(x, mean, dy, threads, act, law, residual)
     dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A * B, dweight, dbias)
     if dx.shape[0] == 0:
@@ -998,9 +1024,8 @@ def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemp
         for a in range(t * A // chunks, (t + 1) * A // chunks):
             if act != IDENTITY:
                 for c in range(C):
-                    d = _up(x[a, c]) - center[c]
                     r = None if residual is None else _up(residual[a, c])
-                    g = _through(act, _row_law(law, c), _up(dy[a, c]), d, r)
+                    g, d = _through(act, _row_law(law, c), _up(dy[a, c]), _up(x[a, c]), center[c], r)
                     if dresidual is not None:
                         dresidual[a, c] = _down(g, dresidual)
                     dx[a, c] = _down(g * dy_scale[c] + (d * x_scale[c] + const[c]), dx)

@@ -25,6 +25,7 @@ from .cpu import (
     _channel_sums_rows,
     _eval_scale,
     _finish_chunks,
+    _inverse_scale,
     _serial,
     _two_term_rows,
     _up,
@@ -106,7 +107,7 @@ def backward_folded(
     literally(act)
     A, C, B = x.shape
     columns, dy_columns, center = x.reshape((A, C * B)), dy.reshape((A, C * B)), _spread(mean, B)
-    law = (_spread(weight * invstd, B), _spread(bias, B), slope, alpha)
+    law = (_spread(weight * invstd, B), _spread(bias, B), slope, alpha, _spread(_inverse_scale(weight, invstd), B))
     residual_columns = _columns(residual, A, C * B)
     first, second = _channel_sums_rows(columns, center, dy_columns, threads, act, law, residual_columns)
     dy_scale, x_scale, const = _backward_coefficients(
