@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from numba import njit
+from numba import errors, types
 from numba.extending import overload
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu", "gelu_tanh")
@@ -53,55 +53,100 @@ def _like_overload(value, z):
     return cast
 
 
-@njit(**_inline)
+# activate, derivative and inverse are overloads chosen by the literal code: a kernel's
+# specialization for one activation types and compiles that activation's formula only, and
+# the plain layer's (identity) none of the others (with one function branching on the code,
+# every kernel compiled every formula, and a fresh checkout's tests took 15 minutes, not 3)
+
+
+def _code(act) -> int:
+    if not isinstance(act, types.IntegerLiteral):
+        raise errors.TypingError("the activation code must be a compile-time constant (numba.literally)")
+    return act.literal_value
+
+
+_overload = dict(
+    jit_options=dict(cache=True, nogil=True, fastmath=_inline["fastmath"]), inline="always", prefer_literal=True
+)
+
+
 def activate(act, z, slope, alpha):
-    """The activation ``act`` (a code of ACTIVATIONS) at z."""
-    one = like(1.0, z)
-    if act == RELU:
-        return z if not z <= 0 else like(0.0, z)  # -0.0 and -inf give 0; a NaN stays
-    if act == LEAKY_RELU:
-        return z if not z <= 0 else z * slope
-    if act == ELU:
-        return z if not z <= 0 else alpha * (math.exp(z) - one)
-    if act == SILU:
-        return z / (one + math.exp(-z))
-    if act == GELU:
-        half = like(0.5, z)
-        return z * (half + half * math.erf(z * like(_SQRT_HALF, z)))
-    if act == GELU_TANH:
-        return like(0.5, z) * z * (one + math.tanh(like(_K, z) * (z + like(_CUBIC, z) * z * z * z)))
-    return z
+    """The activation ``act`` (a code of ACTIVATIONS, a compile-time constant) at z."""
 
 
-@njit(**_inline)
+@overload(activate, **_overload)
+def _activate(act, z, slope, alpha):
+    code = _code(act)
+    if code == RELU:
+        return lambda act, z, slope, alpha: z if not z <= 0 else like(0.0, z)  # -0.0, -inf give 0; NaN stays
+    if code == LEAKY_RELU:
+        return lambda act, z, slope, alpha: z if not z <= 0 else z * slope
+    if code == ELU:
+        return lambda act, z, slope, alpha: z if not z <= 0 else alpha * (math.exp(z) - like(1.0, z))
+    if code == SILU:
+        return lambda act, z, slope, alpha: z / (like(1.0, z) + math.exp(-z))
+    if code == GELU:
+        return lambda act, z, slope, alpha: z * (like(0.5, z) + like(0.5, z) * math.erf(z * like(_SQRT_HALF, z)))
+    if code == GELU_TANH:
+
+        def gelu_tanh(act, z, slope, alpha):
+            u = like(_K, z) * (z + like(_CUBIC, z) * z * z * z)
+            return like(0.5, z) * z * (like(1.0, z) + math.tanh(u))
+
+        return gelu_tanh
+    return lambda act, z, slope, alpha: z
+
+
 def derivative(act, z, slope, alpha):
     """d activate(act, z) / dz; at z == 0 the derivative from the left, and at a NaN the
     branch torch takes there."""
-    one = like(1.0, z)
-    if act == RELU:
-        return one if not z <= 0 else like(0.0, z)
-    if act == LEAKY_RELU:
-        return one if z > 0 else slope
-    if act == ELU:
-        return one if not z <= 0 else alpha * math.exp(z)
-    if act == SILU:
-        s = one / (one + math.exp(-z))
-        return s * (one + z * (one - s))
-    half = like(0.5, z)
-    if act == GELU:
-        return (half + half * math.erf(z * like(_SQRT_HALF, z))) + z * math.exp(-half * z * z) * like(_INV_SQRT_2PI, z)
-    if act == GELU_TANH:
-        k, cubic = like(_K, z), like(_CUBIC, z)
-        t = math.tanh(k * (z + cubic * z * z * z))
-        return half * (one + t) + half * z * (one - t * t) * k * (one + like(3.0, z) * cubic * z * z)
-    return one
 
 
-@njit(**_inline)
+@overload(derivative, **_overload)
+def _derivative(act, z, slope, alpha):
+    code = _code(act)
+    if code == RELU:
+        return lambda act, z, slope, alpha: like(1.0, z) if not z <= 0 else like(0.0, z)
+    if code == LEAKY_RELU:
+        return lambda act, z, slope, alpha: like(1.0, z) if z > 0 else slope
+    if code == ELU:
+        return lambda act, z, slope, alpha: like(1.0, z) if not z <= 0 else alpha * math.exp(z)
+    if code == SILU:
+
+        def silu(act, z, slope, alpha):
+            one = like(1.0, z)
+            s = one / (one + math.exp(-z))
+            return s * (one + z * (one - s))
+
+        return silu
+    if code == GELU:
+
+        def gelu(act, z, slope, alpha):
+            half = like(0.5, z)
+            cdf = half + half * math.erf(z * like(_SQRT_HALF, z))
+            return cdf + z * math.exp(-half * z * z) * like(_INV_SQRT_2PI, z)
+
+        return gelu
+    if code == GELU_TANH:
+
+        def gelu_tanh(act, z, slope, alpha):
+            one, half, k, cubic = like(1.0, z), like(0.5, z), like(_K, z), like(_CUBIC, z)
+            t = math.tanh(k * (z + cubic * z * z * z))
+            return half * (one + t) + half * z * (one - t * t) * k * (one + like(3.0, z) * cubic * z * z)
+
+        return gelu_tanh
+    return lambda act, z, slope, alpha: like(1.0, z)
+
+
 def inverse(act, out, slope, alpha):
     """z with activate(act, z) == out, for the INVERTIBLE activations (slope, alpha > 0)."""
-    if act == LEAKY_RELU:
-        return out if out > 0 else out / slope
-    if act == ELU:
-        return out if out > 0 else math.log1p(out / alpha)
-    return out
+
+
+@overload(inverse, **_overload)
+def _inverse(act, out, slope, alpha):
+    code = _code(act)
+    if code == LEAKY_RELU:
+        return lambda act, out, slope, alpha: out if out > 0 else out / slope
+    if code == ELU:
+        return lambda act, out, slope, alpha: out if out > 0 else math.log1p(out / alpha)
+    return lambda act, out, slope, alpha: out

@@ -357,7 +357,6 @@ def _two_term_row_nt(dy, x, dx, a, c, dy_scale, center, x_scale, const):
 SPAN = 1024
 
 
-@njit(inline="always", **_serial)
 def _through(act, law, g, value, center, residual):
     """(g', d) for a fused layer's backward: g' = g * act'(z) the gradient ``g`` of its output
     taken through the activation, and d = x - center. ``value`` is x, z = d * scale + offset
@@ -366,17 +365,52 @@ def _through(act, law, g, value, center, residual):
     ``value`` is the layer's output instead: z = act^-1(value), and d = (z - residual -
     offset) * inverse_scale, inverse_scale = 1 / (gamma * invstd) (x - mean recovered, the
     center being the mean). Identity: (g, x - center)."""
-    if act >= FROM_OUTPUT:
-        z = inverse(act - FROM_OUTPUT, value, law[2], law[3])
-        y = z if residual is None else z - residual
-        return g * derivative(act - FROM_OUTPUT, z, law[2], law[3]), (y - law[1]) * law[4]
-    d = value - center
-    if act == IDENTITY:
-        return g, d
-    z = d * law[0] + law[1]
-    if residual is not None:
-        z += residual
-    return g * derivative(act, z, law[2], law[3]), d
+
+
+@overload(_through, jit_options=_serial, inline="always", prefer_literal=True)
+def _through_overload(act, law, g, value, center, residual):
+    # by the literal code, as activation.activate: the plain layer's kernels compile none of it
+    if not isinstance(act, types.IntegerLiteral):
+        return None
+    code = act.literal_value
+    if code == IDENTITY:
+        return lambda act, law, g, value, center, residual: (g, value - center)
+    if code >= FROM_OUTPUT:
+        base = code - FROM_OUTPUT
+
+        def from_output(act, law, g, value, center, residual):
+            z = inverse(base, value, law[2], law[3])
+            return g * derivative(base, z, law[2], law[3]), (_minus(z, residual) - law[1]) * law[4]
+
+        return from_output
+
+    def from_input(act, law, g, value, center, residual):
+        d = value - center
+        return g * derivative(act, _plus(d * law[0] + law[1], residual), law[2], law[3]), d
+
+    return from_input
+
+
+def _plus(z, residual):
+    """z + residual; z when the residual is None."""
+
+
+@overload(_plus, jit_options=_serial, inline="always")
+def _plus_overload(z, residual):
+    if isinstance(residual, types.NoneType):
+        return lambda z, residual: z
+    return lambda z, residual: z + residual
+
+
+def _minus(z, residual):
+    """z - residual; z when the residual is None."""
+
+
+@overload(_minus, jit_options=_serial, inline="always")
+def _minus_overload(z, residual):
+    if isinstance(residual, types.NoneType):
+        return lambda z, residual: z
+    return lambda z, residual: z - residual
 
 
 @njit(**_serial)
