@@ -283,3 +283,12 @@ def test_what_backward_keeps(inplace):
     torch_bytes, ours = saved_bytes(net(False), x), saved_bytes(net(True), x)
     assert 0 <= torch_bytes - per_map * torch_maps < stats
     assert 0 <= ours - per_map * our_maps < stats
+
+
+def test_in_a_forked_child_the_epilogue_is_torch_ops_after_the_normalization(monkeypatch):
+    """A forked child (DataLoader worker) must not launch the kernels; the fused layer keeps
+    its epilogue there (it was dropped before: the plain normalization came back)."""
+    monkeypatch.setattr(batchnorm.ops, "_forked_child", True)
+    x, r = torch.randn(8, 6, 5, 5, dtype=torch.float64), torch.randn(8, 6, 5, 5, dtype=torch.float64)
+    ours, theirs = _pair(6, "relu")
+    torch.testing.assert_close(ours(x, r), TF.relu(theirs(x) + r))

@@ -439,7 +439,7 @@ class _FusedTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, axis, running, epilogue):
         y, stats = _train_cpu(input, weight, bias, eps, axis, running, epilogue._replace(residual=residual))
-        # in-place activated batch norm keeps the output in the input's place (_saved_data)
+        # in-place activated batch norm keeps its output, from which backward recovers x-hat
         ctx.save_for_backward(y if epilogue.save == "output" else input, weight, bias, residual)
         ctx.stats, ctx.eps, ctx.axis, ctx.epilogue = stats, eps, axis, epilogue._replace(residual=None)
         return y

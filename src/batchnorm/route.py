@@ -190,7 +190,8 @@ def normalize(input: Tensor, weight, bias, eps: float, axis: int, training: bool
         running = None  # an empty batch (count 0): no update
     residual = None if epilogue is None else epilogue.residual
     where = route(input, weight, bias, running, training, axis, residual)
-    if epilogue is not None and (where is KERNELS or where is KERNELS_RECORDED) and input.numel():
+    fusable = (where is KERNELS or where is KERNELS_RECORDED) and input.numel() and not ops._forked_child
+    if epilogue is not None and fusable:
         recorded = where is KERNELS_RECORDED
         if training:
             return ops.train_fused(input, weight, bias, eps, axis, running, epilogue, recorded)

@@ -413,6 +413,24 @@ def _minus_overload(z, residual):
     return lambda z, residual: z - residual
 
 
+def _law(act, weight, invstd, bias, slope, alpha):
+    """A fused layer's per-channel law (scale, offset, slope, alpha, inverse_scale) for
+    _through, arrays indexed by _row_law; None for the plain layer, which allocates nothing."""
+
+
+@overload(_law, jit_options=_serial, inline="always", prefer_literal=True)
+def _law_overload(act, weight, invstd, bias, slope, alpha):
+    if isinstance(act, types.IntegerLiteral) and act.literal_value == IDENTITY:
+        return lambda act, weight, invstd, bias, slope, alpha: None
+    return lambda act, weight, invstd, bias, slope, alpha: (
+        weight * invstd,
+        bias,
+        slope,
+        alpha,
+        _inverse_scale(weight, invstd),
+    )
+
+
 @njit(**_serial)
 def _inverse_scale(weight, invstd):
     """1 / (gamma * invstd) per channel, for the inversion of in-place activated batch norm:
@@ -885,13 +903,13 @@ def backward_channels(
     A, C, B = x.shape
     m = A * B
     x_base, dy_base, row_bytes = x.ctypes.data, dy.ctypes.data, _prefetch_bytes(x)
-    inverse_scale = _inverse_scale(weight, invstd)
+    laws = _law(act, weight, invstd, bias, slope, alpha)
     for c in prange(C):
         for a in range(min(PREFETCH_ROWS, A)):
             _prefetch_row(x_base, a * C + c, row_bytes)
             _prefetch_row(dy_base, a * C + c, row_bytes)
         mu = np.float64(mean[c])
-        law = (weight[c] * invstd[c], bias[c], slope, alpha, inverse_scale[c])  # see _through
+        law = _row_law(laws, c)  # see _through
         total = 0.0
         total_x = 0.0
         for a in range(A):
@@ -986,7 +1004,7 @@ def backward_rows(
     """Gradients on (A, C) data (channels last); same formulas as backward_channels."""
     literally(act)
     A, C = x.shape
-    law = (weight * invstd, bias, slope, alpha, _inverse_scale(weight, invstd))
+    law = _law(act, weight, invstd, bias, slope, alpha)
     first, second = _channel_sums_rows(x, mean, dy, threads, act, law, residual)
     dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A, dweight, dbias)
     if dx.shape[0] == 0:
@@ -1002,7 +1020,7 @@ def backward_stream(
     """Gradients on (A, C, B) data in two passes in memory order; formulas of backward_channels."""
     literally(act)
     A, C, B = x.shape
-    law = (weight * invstd, bias, slope, alpha, _inverse_scale(weight, invstd))
+    law = _law(act, weight, invstd, bias, slope, alpha)
     first, second = _channel_sums_stream(x, mean, dy, threads, act, law, residual)
     dy_scale, x_scale, const = _backward_coefficients(first, second, invstd, weight, training, A * B, dweight, dbias)
     if dx.shape[0] == 0:

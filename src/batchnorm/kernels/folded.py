@@ -25,7 +25,7 @@ from .cpu import (
     _channel_sums_rows,
     _eval_scale,
     _finish_chunks,
-    _inverse_scale,
+    _law,
     _serial,
     _two_term_rows,
     _up,
@@ -47,6 +47,17 @@ def _columns_overload(t, A, columns):
     if isinstance(t, types.NoneType):
         return lambda t, A, columns: None
     return lambda t, A, columns: t.reshape((A, columns))
+
+
+def _spread_law(law, B):
+    """cpu._law's per-channel arrays as per-column ones (_spread); None stays None."""
+
+
+@overload(_spread_law, jit_options=_serial)
+def _spread_law_overload(law, B):
+    if isinstance(law, types.NoneType):
+        return lambda law, B: None
+    return lambda law, B: (_spread(law[0], B), _spread(law[1], B), law[2], law[3], _spread(law[4], B))
 
 
 @njit(**_serial)
@@ -107,7 +118,7 @@ def backward_folded(
     literally(act)
     A, C, B = x.shape
     columns, dy_columns, center = x.reshape((A, C * B)), dy.reshape((A, C * B)), _spread(mean, B)
-    law = (_spread(weight * invstd, B), _spread(bias, B), slope, alpha, _spread(_inverse_scale(weight, invstd), B))
+    law = _spread_law(_law(act, weight, invstd, bias, slope, alpha), B)
     residual_columns = _columns(residual, A, C * B)
     first, second = _channel_sums_rows(columns, center, dy_columns, threads, act, law, residual_columns)
     dy_scale, x_scale, const = _backward_coefficients(
