@@ -129,6 +129,7 @@ FLOORS = [
     {"layers.py"},
     {"functional.py"},
     {"route.py"},
+    {"fused_ops.py"},
     {"ops.py"},
     {"launch.py"},
     {"buffers.py", "crossover.py", "epilogue.py", "layout.py", "kernels"},

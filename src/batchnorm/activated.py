@@ -5,10 +5,11 @@
 A CNN block writes BN, then the residual add, then the activation: three passes over
 memory forward and three back, each keeping its own intermediate alive. These layers
 make it one pass of the kernels each way on the CPU (the activation a compile-time
-parameter of the normalization's own map and gradient passes, kernels/activation.py), and
-torch's ops after the normalization elsewhere (other devices, torch.compile, torch.func),
-with the same numbers. They subclass this project's BatchNorm1d/2d/3d: the parameters,
-buffers, state_dict keys and modes are theirs (as timm's ``BatchNormAct2d``).
+parameter of the normalization's own map and gradient passes, kernels/activation.py), one
+custom op for torch.compile, export and other devices (fused_ops.py), and torch's ops after
+the normalization inside torch.func transforms, with the same numbers. They subclass this
+project's BatchNorm1d/2d/3d: the parameters, buffers, state_dict keys and modes are theirs
+(as timm's ``BatchNormAct2d``).
 """
 
 from __future__ import annotations

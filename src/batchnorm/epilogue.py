@@ -7,14 +7,16 @@ functional.normalize through route.normalize to the destination, so that fused l
 (BatchNormAct, in-place activated batch norm) and the variants enter the one route with
 parameters rather than a route of their own. The plain layers pass none.
 
-On the kernels' destinations the epilogue is part of the kernels' passes (route.normalize,
-ops.train_fused); elsewhere (torch's kernel for small inputs, the custom ops under compile,
-the reference ops under torch.func, other devices) ``apply`` computes it in torch ops after
-the normalization, which autograd differentiates. ``save`` says what the backward keeps:
+On the kernels' destinations the epilogue is part of the kernels' passes, and under
+torch.compile, export and on other devices it is part of the fused custom ops
+(fused_ops.py, whose default implementation is ``apply`` after the reference ops, with
+``gradient`` and ``inverse`` for its backward); elsewhere (torch's kernel for small inputs,
+the reference ops under torch.func) ``apply`` computes it in torch ops after the
+normalization, which autograd differentiates. ``save`` says what the backward keeps:
 "input" (x, gamma, beta and the residual) or "output" (in-place activated batch norm, Rota
 Bulo et al. 2018: the activated output and the residual, from which an invertible
-activation recovers x-hat; x is not kept), which the kernels' destinations honour; the
-others keep what their torch ops keep, with the same numbers.
+activation recovers x-hat; x is not kept), which the kernels' destinations and the fused
+ops honour; the others keep what their torch ops keep, with the same numbers.
 """
 
 from __future__ import annotations
@@ -88,3 +90,28 @@ def apply(y: Tensor, epilogue: Epilogue) -> Tensor:
     if activation == "silu":
         return F.silu(y)
     return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def gradient(grad: Tensor, z: Tensor, epilogue: Epilogue) -> Tensor:
+    """d out/d z * grad at z = y + residual, with torch's own backward functions."""
+    activation, aten = epilogue.activation, torch.ops.aten
+    if activation == "identity":
+        return grad
+    if activation == "relu":
+        return aten.threshold_backward(grad, z, 0)
+    if activation == "leaky_relu":
+        return aten.leaky_relu_backward(grad, z, epilogue.negative_slope, False)
+    if activation == "elu":
+        return aten.elu_backward(grad, epilogue.alpha, 1, 1, False, z)
+    if activation == "silu":
+        return aten.silu_backward(grad, z)
+    return aten.gelu_backward(grad, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def inverse(out: Tensor, epilogue: Epilogue) -> Tensor:
+    """z from out = activation(z), for the invertible activations (INVERTIBLE)."""
+    if epilogue.activation == "leaky_relu":
+        return torch.where(out > 0, out, out / epilogue.negative_slope)
+    if epilogue.activation == "elu":
+        return torch.where(out > 0, out, torch.log1p(out / epilogue.alpha))
+    return out

@@ -13,6 +13,8 @@ torch.compile, torch.export and FX therefore see one op per call.
 Below them, one function per destination of route.route and mode (train_kernels,
 evaluate_torch, ...): what route.py calls, so that every way to the kernels passes here.
 
+The fused layers' ops (act(BN(x) + residual)) and their calls are in fused_ops.py.
+
 Double backward: when the backward runs with grad mode on (create_graph=True),
 the gradient is computed with the differentiable formula of kernels/reference.py,
 the statistics recomputed from the input, so that autograd can differentiate it
@@ -28,7 +30,6 @@ import warnings
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from . import epilogue as epilogues
 from . import launch
 from .kernels import reference
 
@@ -391,124 +392,6 @@ class _EagerEval(torch.autograd.Function):
 _c_apply = torch._C._FunctionBase.__dict__["apply"]
 _apply_train = _c_apply.__get__(None, _EagerTrain)
 _apply_eval = _c_apply.__get__(None, _EagerEval)
-
-
-def _fused_by_autograd(ctx, grad_output, input, weight, bias, residual, training, running_mean=None, running_var=None):
-    """The gradients of a fused layer (input, weight, bias, residual) from autograd on the
-    reference ops: a differentiable graph under create_graph (double backward)."""
-    epilogue = ctx.epilogue._replace(residual=residual)
-    if training:
-        y = reference.forward_train(input, weight, bias, ctx.eps, ctx.axis)[0]
-    else:
-        y = reference.forward_eval(input, running_mean, running_var, weight, bias, ctx.eps, ctx.axis)
-    out = epilogues.apply(y, epilogue)
-    wanted = [(i, t) for i, t in enumerate((input, weight, bias, residual)) if t is not None and ctx.needs[i]]
-    grads = torch.autograd.grad(out, [t for _, t in wanted], grad_output, create_graph=True, allow_unused=True)
-    result = [None] * 4
-    for (i, _), g in zip(wanted, grads, strict=True):
-        result[i] = g
-    return result
-
-
-def _refuse_double_backward(ctx) -> None:
-    if ctx.epilogue.save == "output":
-        raise RuntimeError(
-            "double backward (create_graph=True) through an in-place activated batch norm (inplace=True) is not "
-            "supported: its input is not kept; use inplace=False"
-        )
-
-
-def _fused_grads(ctx, grad_output, input, weight, bias, residual, mean, invstd, training):
-    """(dx, dweight, dbias, dresidual) of a fused layer: the kernels' backward through the
-    activation, the statistics at addresses ``mean`` and ``invstd``."""
-    epilogue = ctx.epilogue._replace(residual=residual)
-    needs_input, needs_weight, needs_bias, _ = ctx.needs
-    dx, dweight, dbias, dresidual = launch.backward(
-        grad_output, input, mean, invstd, weight, training, ctx.axis, needs_input, bias, epilogue
-    )
-    dtype = dbias.dtype if weight is None else weight.dtype
-    grad_weight = launch.in_dtype(dweight, dtype) if needs_weight and weight is not None else None
-    grad_bias = launch.in_dtype(dbias, dtype) if needs_bias and bias is not None else None
-    return (dx if needs_input else None), grad_weight, grad_bias, dresidual
-
-
-class _FusedTrain(torch.autograd.Function):
-    """A fused layer in training, act(BN(x) + residual), under autograd: the kernels forward
-    and backward; the statistics stay on ctx, and x, gamma, beta and the residual are saved."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, residual, eps, axis, running, epilogue):
-        y, stats = _train_cpu(input, weight, bias, eps, axis, running, epilogue._replace(residual=residual))
-        # in-place activated batch norm keeps its output, from which backward recovers x-hat
-        ctx.save_for_backward(y if epilogue.save == "output" else input, weight, bias, residual)
-        ctx.stats, ctx.eps, ctx.axis, ctx.epilogue = stats, eps, axis, epilogue._replace(residual=None)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, bias, residual = ctx.saved_tensors
-        ctx.needs = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():
-            _refuse_double_backward(ctx)
-            grads = _fused_by_autograd(ctx, grad_output, input, weight, bias, residual, True)
-        else:
-            stats = ctx.stats
-            mean = stats.data_ptr()
-            invstd = mean + stats.stride(0) * stats.element_size()
-            grads = _fused_grads(ctx, grad_output, input, weight, bias, residual, mean, invstd, True)
-        return (*grads, None, None, None, None)
-
-
-class _FusedEval(torch.autograd.Function):
-    """A fused layer in evaluation, act(y + residual) with the running statistics."""
-
-    @staticmethod
-    def forward(ctx, input, running_mean, running_var, weight, bias, residual, eps, axis, epilogue):
-        y = launch.evaluate(
-            input, running_mean, running_var, weight, bias, eps, axis, epilogue._replace(residual=residual)
-        )
-        data = y if epilogue.save == "output" else input
-        ctx.save_for_backward(data, running_mean, running_var, weight, bias, residual)
-        ctx.eps, ctx.axis, ctx.epilogue = eps, axis, epilogue._replace(residual=None)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, running_mean, running_var, weight, bias, residual = ctx.saved_tensors
-        ctx.needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:6])  # input, weight, bias, residual
-        if torch.is_grad_enabled():
-            _refuse_double_backward(ctx)
-            grads = _fused_by_autograd(
-                ctx, grad_output, input, weight, bias, residual, False, running_mean, running_var
-            )
-        else:
-            stat = reference.compute_dtype(input.dtype)
-            channels = input.shape[ctx.axis]
-            mean = launch.per_channel(running_mean, stat, 0.0, channels)
-            invstd = torch.rsqrt(running_var.to(stat) + ctx.eps)
-            grads = _fused_grads(
-                ctx, grad_output, input, weight, bias, residual, mean.data_ptr(), invstd.data_ptr(), False
-            )
-        dx, dweight, dbias, dresidual = grads
-        return dx, None, None, dweight, dbias, dresidual, None, None, None
-
-
-_apply_fused_train = _c_apply.__get__(None, _FusedTrain)
-_apply_fused_eval = _c_apply.__get__(None, _FusedEval)
-
-
-def train_fused(input, weight, bias, eps, axis, running, epilogue, recorded: bool) -> Tensor:
-    """A fused layer's training call on the kernels (act(BN(x) + residual) in one pass)."""
-    if recorded:
-        return _apply_fused_train(input, weight, bias, epilogue.residual, eps, axis, running, epilogue)
-    return _train_cpu(input, weight, bias, eps, axis, running, epilogue)[0]
-
-
-def evaluate_fused(input, running_mean, running_var, weight, bias, eps, axis, epilogue, recorded: bool) -> Tensor:
-    if recorded:
-        residual = epilogue.residual
-        return _apply_fused_eval(input, running_mean, running_var, weight, bias, residual, eps, axis, epilogue)
-    return launch.evaluate(input, running_mean, running_var, weight, bias, eps, axis, epilogue)
 
 
 def train_kernels(input, weight, bias, eps, axis, running, recorded: bool) -> Tensor:

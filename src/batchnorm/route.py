@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from . import crossover, launch, ops
+from . import crossover, fused_ops, launch, ops
 from . import epilogue as epilogues
 
 Tensor = torch.Tensor
@@ -190,14 +190,28 @@ def normalize(input: Tensor, weight, bias, eps: float, axis: int, training: bool
         running = None  # an empty batch (count 0): no update
     residual = None if epilogue is None else epilogue.residual
     where = route(input, weight, bias, running, training, axis, residual)
-    fusable = (where is KERNELS or where is KERNELS_RECORDED) and input.numel() and not ops._forked_child
-    if epilogue is not None and fusable:
-        recorded = where is KERNELS_RECORDED
-        if training:
-            return ops.train_fused(input, weight, bias, eps, axis, running, epilogue, recorded)
-        return ops.evaluate_fused(input, running[0], running[1], weight, bias, eps, axis, epilogue, recorded)
+    if epilogue is not None:
+        fused = _call_fused(where, input, weight, bias, eps, axis, training, running, epilogue)
+        if fused is not None:
+            return fused
     y = _call(where, input, weight, bias, eps, axis, training, running)
     return y if epilogue is None else epilogues.apply(y, epilogue)
+
+
+def _call_fused(where: str, input: Tensor, weight, bias, eps, axis, training, running, epilogue) -> Tensor | None:
+    """A fused layer's call where the epilogue is part of the op: the kernels' passes (not on
+    an empty input or in a forked child), or the fused custom ops; None elsewhere (torch's
+    kernel, the reference ops), where normalize applies the epilogue after the plain call."""
+    if where is OP:
+        if training:
+            return fused_ops.train_op(input, weight, bias, eps, axis, running, epilogue)
+        return fused_ops.evaluate_op(input, running[0], running[1], weight, bias, eps, axis, epilogue)
+    if (where is not KERNELS and where is not KERNELS_RECORDED) or not input.numel() or ops._forked_child:
+        return None
+    recorded = where is KERNELS_RECORDED
+    if training:
+        return fused_ops.train_fused(input, weight, bias, eps, axis, running, epilogue, recorded)
+    return fused_ops.evaluate_fused(input, running[0], running[1], weight, bias, eps, axis, epilogue, recorded)
 
 
 def _call(where: str, input: Tensor, weight, bias, eps, axis, training, running) -> Tensor:
