@@ -52,6 +52,7 @@ def test_bench_models_reports_every_network_layout_and_variant(monkeypatch, caps
         (network, layout): {
             "step": {v: 0.1 * (k + 1) for k, v in enumerate(model_bench.variants(network))},
             "saved": {v: 2**20 * (4 - k) for k, v in enumerate(model_bench.variants(network))},
+            "faults": {v: 1000 * (3 - k) for k, v in enumerate(model_bench.variants(network))},
         }
         for network in model_bench.NETWORKS
         for layout in model_bench.LAYOUTS
@@ -67,4 +68,6 @@ def test_bench_models_reports_every_network_layout_and_variant(monkeypatch, caps
             assert f"| {network} | {layout} |" in out
     resnet = next(line for line in out.splitlines() if line.startswith("| ResNet-20 | NCHW"))
     assert resnet == "| ResNet-20 | NCHW | 100.0 | 200.0 (0.50x) | 300.0 (0.33x) | n/a | 4.0 MiB | 0.50x | n/a |"
+    faults = [line for line in out.splitlines() if line.startswith("| ResNet-20 | NCHW")][1]
+    assert faults == "| ResNet-20 | NCHW | 3000 | 2000 | 1000 | n/a |"
     assert networks.VGG11.count("M") == 5

@@ -7,8 +7,10 @@ step) of copies of the network with the same initial weights (torch's BatchNorm2
 project's, its BatchNormAct2d, and for VGG's invertible LeakyReLU in-place), timed in
 alternating rounds, ratios against torch's from the same rounds; the bytes of the
 activations autograd saves for backward in one training forward (unique storages, the
-parameters left out, torch.autograd.graph.saved_tensors_hooks); and the process's peak
-resident memory.
+parameters left out, torch.autograd.graph.saved_tensors_hooks); the minor page faults a
+step (getrusage: the pages the allocator hands out fresh, which the kernel zeroes on first
+touch; this project's outputs come from buffers.py's pool, which keeps its pages); and the
+process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -81,10 +83,14 @@ def _step(model: torch.nn.Module, data: torch.Tensor, labels: torch.Tensor):
     return step
 
 
+def _page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(repeat: int, batch: int = 128, networks=tuple(NETWORKS), clock=time.perf_counter) -> dict:
-    """{(network, layout): {"step": {variant: median s}, "saved": {variant: bytes}}}; each
-    network and layout's three variants in ``repeat`` alternating rounds after one warm-up
-    step each."""
+    """{(network, layout): {"step": {variant: median s}, "saved": {variant: bytes}, "faults":
+    {variant: median minor page faults a step}}}; each network and layout's variants in
+    ``repeat`` alternating rounds after one warm-up step each."""
     results = {}
     torch.manual_seed(1)
     images = torch.randn(batch, 3, 32, 32)
@@ -97,17 +103,21 @@ def measure(repeat: int, batch: int = 128, networks=tuple(NETWORKS), clock=time.
             saved = {variant: saved_bytes(model, data) for variant, model in models.items()}
             steps = {variant: _step(model, data, labels) for variant, model in models.items()}
             times: dict[str, list[float]] = {variant: [] for variant in names}
+            faults: dict[str, list[int]] = {variant: [] for variant in names}
             for step in steps.values():
                 step()
             for k in range(repeat):
                 order = names if k % 2 == 0 else names[::-1]
                 for variant in order:
+                    before = _page_faults()
                     start = clock()
                     steps[variant]()
                     times[variant].append(clock() - start)
+                    faults[variant].append(_page_faults() - before)
             results[(network, layout)] = {
                 "step": {variant: statistics.median(t) for variant, t in times.items()},
                 "saved": saved,
+                "faults": {variant: statistics.median(f) for variant, f in faults.items()},
             }
     return results
 
@@ -138,6 +148,17 @@ def report(results: dict, machine: str, batch: int = 128) -> str:
         cells.append(f"{saved['torch'] / 2**20:.1f} MiB")
         for variant in VARIANTS[2:]:
             cells.append(f"{saved[variant] / saved['torch']:.2f}x" if variant in saved else "n/a")
+        lines.append(f"| {network} | {layout} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Minor page faults a step (medians): fresh pages from the allocator, each zeroed by the kernel on first touch",
+        "",
+        "| network | layout | " + " | ".join(VARIANTS) + " |",
+        "|---|---|" + "---|" * len(VARIANTS),
+    ]
+    for (network, layout), result in results.items():
+        faults = result.get("faults", {})
+        cells = [f"{faults[v]:.0f}" if v in faults else "n/a" for v in VARIANTS]
         lines.append(f"| {network} | {layout} | " + " | ".join(cells) + " |")
     lines += ["", f"Peak resident memory of this process: {peak_rss_bytes() / 2**20:.0f} MiB"]
     return "\n".join(lines)
