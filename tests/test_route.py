@@ -124,7 +124,7 @@ FLOORS = [
     {"sweep.py"},
     {"bench.py", "model_bench.py"},
     {"lab"},
-    {"stats.py", "networks.py"},
+    {"stats.py", "networks.py", "convert.py"},
     {"activated.py"},
     {"layers.py"},
     {"functional.py"},

@@ -2,6 +2,7 @@
 
 from . import functional, ops
 from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .convert import convert, revert
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -28,7 +29,9 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "PaperEstimator",
+    "convert",
     "functional",
     "ops",
     "population_statistics",
+    "revert",
 ]
