@@ -109,3 +109,26 @@ def test_bad_epilogues_are_refused_before_the_update(epilogue, error, message):
         )  # fmt: skip
     assert module.num_batches_tracked.item() == 0
     assert torch.equal(module.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("destination", ["torch", "kernels"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "gelu"])
+def test_activate_is_the_epilogue_alone(destination, activation, monkeypatch, routes):
+    """functional.activate: act(x + residual) exactly, as a batch norm of mean 0, variance 1,
+    eps 0 and no affine map (the identity) followed by the epilogue; one fx node."""
+    _destination(destination, monkeypatch)
+    x = (torch.randn(8, 6, 5, 5, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(x)
+    a, ra = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    y = F.activate(a, ra, activation, negative_slope=0.2)
+    assert routes == [route.TORCH if destination == "torch" else route.KERNELS_RECORDED]
+    b, rb = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    z = TORCH_ACTIVATIONS[activation](b + rb)
+    torch.testing.assert_close(y, z, rtol=1e-15, atol=1e-15)
+    g = torch.randn_like(y)
+    y.backward(g)
+    z.backward(g)
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(ra.grad, rb.grad)
+    traced = torch.fx.symbolic_trace(lambda x, r: F.activate(x, r, "relu"))
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [F.activate]

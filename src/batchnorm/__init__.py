@@ -2,7 +2,8 @@
 
 from . import functional, ops
 from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from .convert import convert, revert
+from .conversion import convert, revert
+from .fold import fold, fold_weights
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -30,6 +31,8 @@ __all__ = [
     "LazyBatchNorm3d",
     "PaperEstimator",
     "convert",
+    "fold",
+    "fold_weights",
     "functional",
     "ops",
     "population_statistics",

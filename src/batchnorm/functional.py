@@ -38,6 +38,7 @@ from . import route
 Tensor = torch.Tensor
 
 __all__ = [
+    "activate",
     "batch_norm",
     "check_channel_tensors",
     "check_eps",
@@ -195,6 +196,33 @@ def batch_norm(
             "call_function", batch_norm, args, {"num_batches_tracked": num_batches_tracked}
         )
     return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
+
+
+def activate(
+    input: Tensor,
+    residual: Tensor | None = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+) -> Tensor:
+    """``activation(input + residual)`` in one pass, channels on axis 1: a fused layer's
+    epilogue without its normalization, which is what batchnorm.fold leaves after a folded
+    convolution. It is the evaluation of a batch norm with mean 0, variance 1, eps 0 and no
+    affine map, the identity exactly ((x - 0) * 1 / sqrt(1 + 0)), on the route with its epilogue.
+
+    Under torch.fx symbolic tracing, one call_function node.
+    """
+    if type(input) is not torch.Tensor and isinstance(input, torch.fx.Proxy):
+        args = (input, residual, activation, negative_slope, alpha)
+        return input.tracer.create_proxy("call_function", activate, args, {})
+    check_input(input, 1)
+    epilogue = epilogues.Epilogue(activation, negative_slope, alpha, residual)
+    epilogues.check(epilogue, input)
+    channels = input.shape[1]
+    stat = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    zeros = torch.zeros(channels, dtype=stat, device=input.device)
+    running = (zeros, torch.ones(channels, dtype=stat, device=input.device), None, 0, 0.0)
+    return route.normalize(input, None, None, 0.0, 1, False, running, epilogue)
 
 
 def normalize(

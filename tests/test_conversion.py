@@ -1,4 +1,4 @@
-"""batchnorm.convert and batchnorm.revert (convert.py) on real model definitions
+"""batchnorm.convert and batchnorm.revert (conversion.py) on real model definitions
 (tests/model_zoo.py): outputs, every gradient and the running statistics equal the
 unconverted model's; the fused layers are the ones counted by hand; state_dicts round trip;
 a model that does not trace falls back with a warning.
@@ -18,7 +18,7 @@ from torch import fx, nn
 
 import batchnorm
 from batchnorm import crossover, launch
-from batchnorm.convert import FusedAway, UnsyncedBatchNorm
+from batchnorm.conversion import _TORCH_BASES, FusedAway, UnsyncedBatchNorm
 from model_zoo import ZOO, resnet18
 
 FUSED = (batchnorm.BatchNormAct1d, batchnorm.BatchNormAct2d, batchnorm.BatchNormAct3d)
@@ -69,7 +69,7 @@ def test_every_family_converts_fuses_and_computes_the_same(name, torch_kernel):
     converted = batchnorm.convert(original)
     assert isinstance(converted, fx.GraphModule)
     assert sorted(converted.state_dict()) == sorted(original.state_dict())  # a GraphModule orders by first use
-    assert not any(type(m) in batchnorm.convert.__globals__["_TORCH_BASES"] for m in converted.modules())
+    assert not any(type(m) in _TORCH_BASES for m in converted.modules())
     ours = [m for m in converted.modules() if isinstance(m, batchnorm.layers._BatchNorm)]
     assert len(ours) == batch_norms
     assert _fused_kinds(converted) == Counter(fused)

@@ -62,6 +62,7 @@ _OURS = {
     nn.LazyBatchNorm2d: layers.LazyBatchNorm2d,
     nn.LazyBatchNorm3d: layers.LazyBatchNorm3d,
 }
+FUSED_LAYERS = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
 _FUSED = {layers.BatchNorm1d: BatchNormAct1d, layers.BatchNorm2d: BatchNormAct2d, layers.BatchNorm3d: BatchNormAct3d}
 _TORCH = {
     UnsyncedBatchNorm: nn.SyncBatchNorm,
@@ -414,9 +415,7 @@ def revert(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _copy(model)
-    fused = [
-        name for name, m in model.named_modules() if isinstance(m, (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d))
-    ]
+    fused = [name for name, m in model.named_modules() if isinstance(m, FUSED_LAYERS)]
     if fused:
         model = _unfuse(model, fused)
     for module in list(model.modules()):
@@ -448,7 +447,7 @@ def _unfuse(model: nn.Module, fused: list[str]) -> nn.Module:
         if node.op != "call_module":
             continue
         layer = graph_module.get_submodule(node.target)
-        if not isinstance(layer, (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)):
+        if not isinstance(layer, FUSED_LAYERS):
             continue
         _set_module(graph_module, node.target, _torch_layer(layer))
         with graph.inserting_before(node):
@@ -468,7 +467,7 @@ def _sequential_fused_only(model: nn.Module) -> bool:
     for module in model.modules():
         children = list(module.children())
         for k, child in enumerate(children):
-            if isinstance(child, (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)):
+            if isinstance(child, FUSED_LAYERS):
                 if not isinstance(module, nn.Sequential) or k + 1 >= len(children):
                     return False
                 if not isinstance(children[k + 1], FusedAway):
