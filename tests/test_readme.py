@@ -31,3 +31,10 @@ def test_readme_example_runs_and_its_checkpoint_loads_into_torch(tmp_path, monke
     torch.testing.assert_close(model[1].running_var, inputs.var((0, 2, 3)).float(), rtol=1e-5, atol=1e-6)
     # the functional form updated the buffers it was given in place
     assert not torch.equal(namespace["mean"], torch.zeros(100))
+    # convert fused the pair into one layer (a copy), revert gave torch's back, fold removed the BN
+    fast, plain, served, net = (namespace[k] for k in ("fast", "plain", "served", "net"))
+    assert [type(m) for m in fast.modules()].count(batchnorm.BatchNormAct2d) == 1
+    assert type(net[1]) is torch.nn.BatchNorm2d and type(plain.get_submodule("1")) is torch.nn.BatchNorm2d
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, batchnorm.BatchNorm2d)) for m in served.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(served(x), fast.eval()(x), rtol=1e-5, atol=1e-5)
