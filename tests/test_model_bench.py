@@ -4,7 +4,7 @@ plain ones compute, and the report has every network, layout and variant."""
 import pytest
 import torch
 
-from batchnorm import cli, launch, model_bench, networks
+from batchnorm import cli, conversion_bench, launch, model_bench, networks
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +59,17 @@ def test_bench_models_reports_every_network_layout_and_variant(monkeypatch, caps
     }
     asked = []
     monkeypatch.setattr(model_bench, "measure", lambda repeat: asked.append(repeat) or fake)
+    converted = {
+        (network, layout): {
+            "train": {"torch": 0.2, "convert": 0.1, **({"torch.compile": 0.4} if network == "ResNet-20" else {})},
+            "eval": {"torch": 0.3, "convert": 0.2, "fold(convert)": 0.1},
+        }
+        for network in conversion_bench.NETWORKS
+        for layout in conversion_bench.LAYOUTS
+    }
+    monkeypatch.setattr(conversion_bench, "measure", lambda repeat, compiled: asked.append(compiled) or converted)
     assert cli.main(["bench", "--models", "--repeat", "3"]) == 0
-    assert asked == [3]
+    assert asked == [3, True]
     out = capsys.readouterr().out
     assert "cores" in out and "Peak resident memory" in out
     for network in model_bench.NETWORKS:
@@ -70,4 +79,30 @@ def test_bench_models_reports_every_network_layout_and_variant(monkeypatch, caps
     assert resnet == "| ResNet-20 | NCHW | 100.0 | 200.0 (0.50x) | 300.0 (0.33x) | n/a | 4.0 MiB | 0.50x | n/a |"
     faults = [line for line in out.splitlines() if line.startswith("| ResNet-20 | NCHW")][1]
     assert faults == "| ResNet-20 | NCHW | 3000 | 2000 | 1000 | n/a |"
+    rows = [line for line in out.splitlines() if line.startswith("| ResNet-20 | channels_last")]
+    assert rows[-1] == (
+        "| ResNet-20 | channels_last | 200.0 | 100.0 (2.00x) | 400.0 (0.50x) | 300.0 | 200.0 (1.50x) | 100.0 (3.00x) |"
+    )
+    assert "| ResNet-18 (112x112) | NCHW | 200.0 | 100.0 (2.00x) | n/a |" in out
     assert networks.VGG11.count("M") == 5
+
+
+def test_conversion_measure_times_every_variant_on_a_small_network(monkeypatch):
+    """conversion_bench.measure end to end on a stand-in network (torch's kernel at this size:
+    the kernels' float32 specializations would be compile time for CI)."""
+    from batchnorm import crossover
+
+    monkeypatch.setattr(crossover, "OVERRIDE", crossover.TOP + 1)
+
+    def small(norm):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1), norm(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 10)
+        )
+
+    monkeypatch.setattr(conversion_bench, "NETWORKS", {"ResNet-20": (small, 4, 6, 4)})
+    results = conversion_bench.measure(1, compiled=False)
+    assert list(results) == [("ResNet-20", "NCHW"), ("ResNet-20", "channels_last")]
+    for result in results.values():
+        assert set(result["train"]) == {"torch", "convert"} and set(result["eval"]) == set(conversion_bench.EVAL)
+        assert all(t > 0 for mode in ("train", "eval") for t in result[mode].values())
+    assert "| ResNet-20 | NCHW |" in conversion_bench.report(results)

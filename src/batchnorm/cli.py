@@ -66,7 +66,9 @@ def parser() -> argparse.ArgumentParser:
         "--models",
         action="store_true",
         help="the SGD training step of a CIFAR ResNet-20 and a VGG-11-BN-LeakyReLU with torch's batch norm, "
-        "this project's and its fused layers, both layouts, and the activations each saves for backward",
+        "this project's and its fused layers, both layouts, and the activations each saves for backward; then "
+        "four users' networks (ResNet-20, ResNet-18, VGG-11, MobileNetV2) before and after batchnorm.convert, "
+        "and folded for inference",
     )
     bench.add_argument("--repeat", type=_positive, default=20, help="timed calls per median (default: 20)")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves its compile time)")
@@ -214,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "bench":
         if args.models:
-            from . import bench, model_bench
+            from . import bench, conversion_bench, model_bench
 
             text = model_bench.report(model_bench.measure(args.repeat), bench.machine())
+            converted = conversion_bench.measure(args.repeat, compiled=not args.no_compile)
+            text += "\n\n" + conversion_bench.report(converted)
         elif args.sweep:
             from . import sweep
 
