@@ -19,6 +19,7 @@ import torch
 
 from .conversion import convert
 from .fold import fold
+from .model_bench import sgd_step
 from .networks import mobilenet_v2, resnet18, resnet20, vgg11
 
 # network -> (constructor of its torch version, training batch, eval batch, input side)
@@ -40,19 +41,6 @@ def _layout(t, layout: str):
 def _torch_model(network: str, layout: str) -> torch.nn.Module:
     torch.manual_seed(0)
     return _layout(NETWORKS[network][0](torch.nn.BatchNorm2d), layout)
-
-
-def _step(model, data, labels):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        model.train()
-        loss = torch.nn.functional.cross_entropy(model(data), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def _inference(model, data):
@@ -91,10 +79,10 @@ def measure(repeat: int, networks=None, compiled: bool = True, clock=time.perf_c
             labels = torch.randint(0, 10, (batch,), generator=generator)
             models = {"torch": _torch_model(network, layout)}
             models["convert"] = convert(models["torch"])
-            steps = {name: _step(model, data, labels) for name, model in models.items()}
+            steps = {name: sgd_step(model, data, labels) for name, model in models.items()}
             if compiled and network == "ResNet-20":
                 reference = _torch_model(network, layout)
-                steps["torch.compile"] = _step(torch.compile(reference), data, labels)
+                steps["torch.compile"] = sgd_step(torch.compile(reference), data, labels)
             train = _alternate(steps, repeat, clock)
             # the running statistics of the training rounds above: the same in both models
             served = fold(convert(models["torch"].eval()))

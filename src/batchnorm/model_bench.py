@@ -70,7 +70,8 @@ def saved_bytes(model: torch.nn.Module, data: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def _step(model: torch.nn.Module, data: torch.Tensor, labels: torch.Tensor):
+def sgd_step(model: torch.nn.Module, data: torch.Tensor, labels: torch.Tensor):
+    """One SGD training step of ``model`` (forward, cross-entropy, backward, step) as a call."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
@@ -101,7 +102,7 @@ def measure(repeat: int, batch: int = 128, networks=tuple(NETWORKS), clock=time.
             names = variants(network)
             models = {variant: build(network, variant, layout) for variant in names}
             saved = {variant: saved_bytes(model, data) for variant, model in models.items()}
-            steps = {variant: _step(model, data, labels) for variant, model in models.items()}
+            steps = {variant: sgd_step(model, data, labels) for variant, model in models.items()}
             times: dict[str, list[float]] = {variant: [] for variant in names}
             faults: dict[str, list[int]] = {variant: [] for variant in names}
             for step in steps.values():
