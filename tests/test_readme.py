@@ -38,3 +38,4 @@ def test_readme_example_runs_and_its_checkpoint_loads_into_torch(tmp_path, monke
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, batchnorm.BatchNorm2d)) for m in served.modules())
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(served(x), fast.eval()(x), rtol=1e-5, atol=1e-5)
+    assert type(namespace["backbone"][1]) is batchnorm.FrozenBatchNorm2d

@@ -126,6 +126,7 @@ FLOORS = [
     {"bench.py", "model_bench.py"},
     {"lab"},
     {"fold.py"},
+    {"frozen.py"},
     {"stats.py", "networks.py", "conversion.py"},
     {"activated.py"},
     {"layers.py"},

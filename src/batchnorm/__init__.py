@@ -4,6 +4,7 @@ from . import functional, ops
 from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .conversion import convert, revert
 from .fold import fold, fold_weights
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -26,6 +27,9 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "ExactEstimator",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
@@ -33,8 +37,10 @@ __all__ = [
     "convert",
     "fold",
     "fold_weights",
+    "freeze",
     "functional",
     "ops",
     "population_statistics",
     "revert",
+    "unfreeze",
 ]

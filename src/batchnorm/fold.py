@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from . import conversion, layers
 from . import functional as F
+from .frozen import _FrozenBatchNorm
 
 __all__ = ["fold", "fold_weights"]
 
@@ -87,6 +88,8 @@ def _folded_layer(layer: nn.Module, norm: nn.Module) -> nn.Module:
 def _norm_of(module: nn.Module) -> bool:
     """Batch norm that eval reduces to a fixed per-channel map on axis 1: torch's or this
     project's, with running statistics."""
+    if isinstance(module, _FrozenBatchNorm):
+        return True
     if isinstance(module, layers._BatchNorm):
         plain = module.axis == 1
     else:
@@ -101,7 +104,7 @@ def _check_eval(model: nn.Module) -> None:
             "with each batch's statistics, which no weights can hold; got a model in training mode"
         )
     for name, module in model.named_modules():
-        if _norm_of(module) and module.training:
+        if _norm_of(module) and module.training and not isinstance(module, _FrozenBatchNorm):
             raise ValueError(
                 f"fold needs every batch norm in eval mode: {name} ({type(module).__name__}) is in training mode"
             )
@@ -153,12 +156,12 @@ def _fold_graph(graph_module: fx.GraphModule) -> int:
             continue  # the layer's output is the residual too
         conversion._set_module(graph_module, node.target, _folded_layer(layer, norm))
         value = node
-        if isinstance(norm, conversion.FUSED_LAYERS):  # its epilogue stays, one pass
-            residual = norm_node.args[1] if len(norm_node.args) > 1 else None
-            if residual is not None or norm.activation != "identity":
-                with graph.inserting_before(norm_node):
-                    arguments = (value, residual, norm.activation, norm.negative_slope, norm.alpha)
-                    value = graph.call_function(F.activate, arguments)
+        activation = getattr(norm, "activation", "identity")  # a fused or frozen layer's epilogue stays
+        residual = norm_node.args[1] if len(norm_node.args) > 1 else None
+        if residual is not None or activation != "identity":
+            with graph.inserting_before(norm_node):
+                arguments = (value, residual, activation, norm.negative_slope, norm.alpha)
+                value = graph.call_function(F.activate, arguments)
         norm_node.replace_all_uses_with(value)
         graph.erase_node(norm_node)
         folded += 1
@@ -177,7 +180,7 @@ def _fold_sequentials(model: nn.Module) -> None:
             if not isinstance(first, _FOLDABLE) or not _norm_of(second) or second.num_features != first.weight.shape[0]:
                 continue
             after = children[k + 2] if k + 2 < len(children) else (None, None)
-            if isinstance(second, conversion.FUSED_LAYERS):  # its activation is the FusedAway after it
+            if getattr(second, "activation", "identity") != "identity":  # its activation: the FusedAway after it
                 if not isinstance(after[1], conversion.FusedAway):
                     continue
                 setattr(module, after[0], after[1].activation)
