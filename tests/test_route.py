@@ -128,7 +128,7 @@ FLOORS = [
     {"fold.py"},
     {"frozen.py"},
     {"stats.py", "networks.py", "conversion.py"},
-    {"activated.py"},
+    {"activated.py", "ghost.py"},
     {"layers.py"},
     {"functional.py"},
     {"route.py"},

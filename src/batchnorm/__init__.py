@@ -5,6 +5,7 @@ from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .conversion import convert, revert
 from .fold import fold, fold_weights
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -30,6 +31,9 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",

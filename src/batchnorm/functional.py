@@ -33,11 +33,12 @@ import numbers
 import torch
 
 from . import epilogue as epilogues
-from . import route
+from . import ops, route
 
 Tensor = torch.Tensor
 
 __all__ = [
+    "update_running_stats",
     "activate",
     "batch_norm",
     "check_channel_tensors",
@@ -196,6 +197,27 @@ def batch_norm(
             "call_function", batch_norm, args, {"num_batches_tracked": num_batches_tracked}
         )
     return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    """The layers' running update, in place, from a batch's per-channel ``mean`` and biased
+    ``var`` over ``count`` values each (the variants that compute their own batch statistics
+    call it): running_var takes var * count/(count - 1); ``momentum=None`` is the cumulative
+    average; a non-finite ``mean`` or ``var`` changes nothing (num_batches_tracked included)."""
+    check_momentum(momentum)
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    factor = -1.0 if momentum is None else float(momentum)
+    with torch.no_grad():
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, factor)
 
 
 def activate(
