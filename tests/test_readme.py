@@ -40,3 +40,4 @@ def test_readme_example_runs_and_its_checkpoint_loads_into_torch(tmp_path, monke
     torch.testing.assert_close(served(x), fast.eval()(x), rtol=1e-5, atol=1e-5)
     assert type(namespace["backbone"][1]) is batchnorm.FrozenBatchNorm2d
     assert namespace["ghost"](torch.randn(8, 16, 2, 2)).shape == (8, 16, 2, 2)
+    assert namespace["renorm"].limits(40000) == (3.0, 5.0)

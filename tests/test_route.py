@@ -128,7 +128,7 @@ FLOORS = [
     {"fold.py"},
     {"frozen.py"},
     {"stats.py", "networks.py", "conversion.py"},
-    {"activated.py", "ghost.py"},
+    {"activated.py", "ghost.py", "renorm.py"},
     {"layers.py"},
     {"functional.py"},
     {"route.py"},

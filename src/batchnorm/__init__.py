@@ -15,6 +15,7 @@ from .layers import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .stats import ExactEstimator, PaperEstimator, population_statistics
 
 __version__ = "0.1.0"
@@ -27,6 +28,10 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "ExactEstimator",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",

@@ -34,10 +34,12 @@ import torch
 
 from . import epilogue as epilogues
 from . import ops, route
+from .kernels import reference
 
 Tensor = torch.Tensor
 
 __all__ = [
+    "batch_statistics",
     "update_running_stats",
     "activate",
     "batch_norm",
@@ -197,6 +199,15 @@ def batch_norm(
             "call_function", batch_norm, args, {"num_batches_tracked": num_batches_tracked}
         )
     return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
+
+
+def batch_statistics(input: Tensor, axis: int = 1) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) per channel of ``input`` (channels on ``axis``), accumulated in float64
+    (float32 on MPS) and returned so: the statistics every variant shares with the plain layer,
+    for the variants that need them before normalizing (batch renorm). No gradient."""
+    axis = check_input(input, axis)
+    with torch.no_grad():
+        return reference.batch_stats(input.detach(), axis)
 
 
 def update_running_stats(
