@@ -118,7 +118,7 @@ def test_freeze_keeps_the_values_and_the_fused_activation_and_unfreeze_gives_the
     assert type(only.head) is batchnorm.FrozenBatchNorm1d and type(only.bn) is nn.BatchNorm2d
     thawed = batchnorm.unfreeze(frozen)
     assert [type(m) for m in (thawed.bn, thawed.fused, thawed.head)] == [
-        batchnorm.BatchNorm2d,
+        nn.BatchNorm2d,  # each as it was before freeze
         batchnorm.BatchNormAct2d,
         batchnorm.BatchNorm1d,
     ]
@@ -147,3 +147,25 @@ def test_compile_fullgraph_sees_the_eval_op():
     x = torch.randn(2, 3, 4, 4)
     compiled = torch.compile(frozen, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), frozen(x))
+
+
+def test_variants_freeze_to_their_evaluation_and_thaw_back():
+    """A renorm layer's evaluation uses its running standard deviation, a ghost layer's is
+    BatchNorm's: frozen, both give their eval output; unfreeze gives each back as itself, and a
+    frozen layer built directly becomes this project's trainable layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        batchnorm.BatchRenorm2d(3, warmup_steps=0, rmax_steps=0, dmax_steps=0, momentum=0.5),
+        batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2),
+        batchnorm.FrozenBatchNorm2d(3, activation="relu"),
+    ).double()
+    model(torch.randn(4, 3, 3, 3, dtype=torch.float64) * 3 + 1)
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    expected = model.eval()(x)
+    frozen = batchnorm.freeze(model.train())
+    assert [type(m) for m in frozen] == [batchnorm.FrozenBatchNorm2d] * 3
+    torch.testing.assert_close(frozen(x), expected, rtol=1e-12, atol=1e-12)
+    thawed = batchnorm.unfreeze(frozen)
+    assert [type(m) for m in thawed] == [batchnorm.BatchRenorm2d, batchnorm.GhostBatchNorm2d, batchnorm.BatchNormAct2d]
+    assert thawed[0].rmax == 3.0 and thawed[1].virtual_batch_size == 2 and thawed[2].activation == "relu"
+    torch.testing.assert_close(thawed.eval()(x), expected, rtol=1e-12, atol=1e-12)

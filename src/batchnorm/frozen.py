@@ -16,8 +16,9 @@ A frozen layer may carry a fused layer's activation (``activation``, ``negative_
 ``freeze(model, names=None)`` returns a copy of ``model`` with its batch norms (torch's,
 this project's, fused or not; those named, by their module names, when ``names`` is given)
 frozen with their current values; ``unfreeze(model)`` returns a copy with each frozen layer
-back as the trainable layer it was frozen from (this project's kind for torch's), its
-values the frozen ones and ``num_batches_tracked`` 0.
+back as the layer it was frozen from (its class and options: a renorm or ghost layer stays
+one, torch's stays torch's), holding the frozen values; a frozen layer built directly becomes
+this project's BatchNorm*d (or BatchNormAct*d with its activation), num_batches_tracked 0.
 """
 
 from __future__ import annotations
@@ -147,10 +148,18 @@ def _frozen_from(layer: nn.Module) -> _FrozenBatchNorm:
         if layer.bias is not None:
             frozen.bias.copy_(layer.bias)
     frozen.train(layer.training)
+    object.__setattr__(frozen, "_thawed", layer)  # not a submodule: no state_dict entries
     return frozen
 
 
 def _thawed_from(frozen: _FrozenBatchNorm, rank: int) -> nn.Module:
+    layer = frozen.__dict__.get("_thawed")
+    if layer is not None:  # the layer it was frozen from, with the frozen values
+        with torch.no_grad():
+            for name in ("running_mean", "running_var", "weight", "bias"):
+                if getattr(layer, name) is not None:
+                    getattr(layer, name).copy_(frozen._buffers[name])
+        return layer.train(frozen.training)
     if frozen.activation == "identity":
         layer = _PLAIN[rank](frozen.num_features, eps=frozen.eps)
     else:
