@@ -171,3 +171,19 @@ def test_bars_accept_equal_seeds():
 
     png = plots.bars({"test accuracy": {"a": [0.1, 0.1, 0.1], "b": [0.30000000000000004, 0.3, 0.3]}}, "y", "t")
     assert png.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    "bn_small, renorm_small, verdict",
+    [(0.60, 0.75, experiments.HOLDS), (0.60, 0.59, experiments.FAILS), (0.60, 0.65, experiments.UNSURE),
+     (0.79, 0.70, experiments.UNSURE)],
+)  # fmt: skip
+def test_the_renorm_claim_follows_its_rule(bn_small, renorm_small, verdict):
+    """Batch norm at 0.80 at the reference batch; what renorm wins back at batches <= 8 decides."""
+    per_size = {
+        2: ([bn_small] * 2, None, None, [renorm_small] * 2, None),
+        64: ([0.80] * 2, None, None, [0.8] * 2, None),
+    }
+    claim = experiments._renorm_claim(per_size, (2, 64), 64)
+    assert claim.verdict == verdict
+    assert f"batch renorm {renorm_small:.3f}" in claim.measured and claim.rule.startswith("holds if")

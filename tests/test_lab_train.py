@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_mlp_layout_and_init():
     assert abs(weights.std().item() - models.INIT_STD) < 0.002 and abs(weights.mean().item()) < 0.002
     with pytest.raises(ValueError, match="placement must be 'before' or 'after', got placement='middle'"):
         models.mlp(4, placement="middle")
-    with pytest.raises(ValueError, match=r"norm must be one of \('bn', 'torch', 'none'\), got norm='ln'"):
+    with pytest.raises(ValueError, match=r"norm must be one of \('bn', 'torch', 'renorm', 'none'\), got norm='ln'"):
         models.mlp(4, norm="ln")
 
 
@@ -116,3 +117,14 @@ def test_probe_percentiles_follow_the_data():
     model = nn.Sequential(models.Probe())
     x = torch.arange(101, dtype=torch.float32)[:, None]
     assert train.probe_percentiles(model, x) == pytest.approx((15.0, 50.0, 85.0))
+
+
+def test_renorm_models_scale_the_papers_schedule_to_the_run():
+    from batchnorm.renorm import BatchRenorm1d
+
+    model = models.mlp(20, norm="renorm", steps=1000)
+    layers = [m for m in model.modules() if isinstance(m, BatchRenorm1d)]
+    assert len(layers) == 3
+    assert (layers[0].warmup_steps, layers[0].dmax_steps, layers[0].rmax_steps) == (100, 500, 800)
+    with pytest.raises(ValueError, match=re.escape("norm='renorm' needs a bn_momentum in [0, 1]")):
+        models.mlp(20, norm="renorm", bn_momentum=None)

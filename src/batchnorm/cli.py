@@ -148,13 +148,13 @@ def _optional_float(text: str) -> float | None:
 _CHOICES = {
     "model": ("mlp", "cnn"),
     "activation": ("sigmoid", "relu", "tanh"),
-    "norm": ("bn", "torch", "none"),
+    "norm": ("bn", "torch", "renorm", "none"),
     "placement": ("before", "after"),
     "optimizer": ("sgd", "adam", "rmsprop"),
 }
 _HELP = {
     "data": "mnist1d (default, generated), digits, mnist:DIR (IDX files), csv:PATH[:LABEL], npz:PATH",
-    "norm": "bn: this project's layers, torch: torch.nn's, none",
+    "norm": "bn: this project's layers, torch: torch.nn's, renorm: batch renormalization, none",
     "placement": "batch norm before or after the activation (MLP)",
     "bn_momentum": "weight of the new batch in the running averages; none: cumulative average",
     "checkpoint_every": "write OUT/checkpoint.pt every this many steps (a multiple of --eval-every; 0: never)",

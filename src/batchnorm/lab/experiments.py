@@ -528,14 +528,37 @@ def train_mode_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     return correct / usable
 
 
+def _renorm_claim(per_size: dict, sizes, reference: int) -> Claim:
+    """Batch renorm at the small batches (at most 8) against batch norm there and at ``reference``."""
+    small = [s for s in sizes if s <= 8] or [sizes[0]]
+    bn_small = _mean([a for s in small for a in per_size[s][0]])
+    renorm_small = _mean([a for s in small for a in per_size[s][3]])
+    bn_reference = _mean(per_size[reference][0])
+    lost = bn_reference - bn_small
+    recovered = renorm_small - bn_small
+    batches = ", ".join(str(s) for s in small)
+    return Claim(
+        "Batch renormalization recovers most of batch norm's accuracy at small batches (Ioffe 2017).",
+        f"test accuracy at batches {batches}: batch norm {bn_small:.3f}, batch renorm {renorm_small:.3f}; batch "
+        f"norm at batch {reference}: {bn_reference:.3f} (lost at small batches {lost:+.3f}, recovered by renorm "
+        f"{recovered:+.3f})",
+        _verdict(lost > 0.02 and recovered >= 0.5 * lost, lost > 0.02 and recovered <= 0.0),
+        "holds if batch norm loses more than 0.02 at the small batches and renorm wins back at least half of it; "
+        "does not hold if it loses more than 0.02 and renorm wins none back; inconclusive otherwise (nothing to "
+        "recover, or less than half)",
+    )
+
+
 def batch_size(lab: Lab) -> Result:
     """The same number of examples seen and the same learning rate at every batch size,
-    with and without batch norm: batch norm's effect is the difference between the two."""
+    with and without batch norm: batch norm's effect is the difference between the two; and
+    batch renorm (Ioffe 2017), which the paper says recovers most of it at small batches."""
     sizes = lab.scale.batch_sizes
     lines: dict[str, list[list[float]]] = {
         "with batch norm, eval mode (running statistics)": [],
         "with batch norm, train mode (batch statistics)": [],
         "without batch norm": [],
+        "with batch renorm, eval mode": [],
     }
     rows, per_size, metrics = [], {}, {}
 
@@ -543,24 +566,29 @@ def batch_size(lab: Lab) -> Result:
         steps = max(lab.scale.batch_examples // size, 1)
         return dict(batch_size=size, steps=steps, eval_every=max(steps // 5, 1))
 
-    lab.prefetch(*({"norm": norm, **common(size)} for size in sizes for norm in ("bn", "none")))
+    lab.prefetch(*({"norm": norm, **common(size)} for size in sizes for norm in ("bn", "none", "renorm")))
     for size in sizes:
         steps = common(size)["steps"]
         with_bn, without = lab.runs(norm="bn", **common(size)), lab.runs(norm="none", **common(size))
+        renormed = lab.runs(norm="renorm", **common(size))
         accuracy = _final(with_bn)
         batch_mode = [train_mode_accuracy(r.model, lab.dataset.x_test, lab.dataset.y_test, size) for r in with_bn]
         plain = _final(without)
         effect = [a - b for a, b in zip(accuracy, plain, strict=True)]
-        per_size[size] = (accuracy, batch_mode, plain, effect)
+        renorm_accuracy = _final(renormed)
+        per_size[size] = (accuracy, batch_mode, plain, renorm_accuracy, effect)
         metrics[f"batch {size}, with batch norm"] = [r.metrics for r in with_bn]
         metrics[f"batch {size}, without"] = [r.metrics for r in without]
-        rows.append([str(size), str(steps), _pm(accuracy), _pm(batch_mode), _pm(plain), _pm(effect)])
+        metrics[f"batch {size}, with batch renorm"] = [r.metrics for r in renormed]
+        rows.append(
+            [str(size), str(steps), _pm(accuracy), _pm(batch_mode), _pm(plain), _pm(effect), _pm(renorm_accuracy)]
+        )
     for i in range(len(lab.seeds)):
-        for line, index in zip(lines.values(), range(3), strict=True):
+        for line, index in zip(lines.values(), range(4), strict=True):
             line.append([per_size[s][index][i] for s in sizes])
     smallest = sizes[0]
     reference = max(s for s in sizes if s <= 64)
-    small_effect, ref_effect = _mean(per_size[smallest][3]), _mean(per_size[reference][3])
+    small_effect, ref_effect = _mean(per_size[smallest][4]), _mean(per_size[reference][4])
     gap = _mean(per_size[smallest][1]) - _mean(per_size[smallest][0])
     claims = [
         Claim(
@@ -574,14 +602,18 @@ def batch_size(lab: Lab) -> Result:
             f"holds if batch norm helps at batch {reference} (by more than 0.05) but not at batch {smallest} "
             f"(at most 0.02); does not hold if it does not help at batch {reference} or keeps half its benefit "
             f"at batch {smallest}",
-        )
+        ),
+        _renorm_claim(per_size, sizes, reference),
     ]
     figures = {
         f"Test accuracy against batch size: {lab.scale.batch_examples} examples seen, learning rate {BASE_LR:g}": (
             plots.versus(list(sizes), lines, "batch size", "test accuracy", "Batch size")
         )
     }
-    columns = ["batch", "steps", "BN, eval mode", "BN, train mode", "without BN", "BN effect (with - without)"]
+    columns = [
+        "batch", "steps", "BN, eval mode", "BN, train mode", "without BN", "BN effect (with - without)",
+        "batch renorm, eval mode",
+    ]  # fmt: skip
     return Result("batch-size", "Batch size", columns, rows, claims, figures, metrics)
 
 

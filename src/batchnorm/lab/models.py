@@ -1,7 +1,9 @@
 """The lab's networks: the paper's MLP and a small CNN, with or without batch norm.
 
 ``norm`` picks the normalization: "bn" (this project's layers), "torch" (torch.nn's,
-for comparison) or "none". In the MLP, "before" puts batch norm between the linear
+for comparison), "renorm" (batch renormalization, Ioffe 2017: rmax 3 and dmax 5 reached
+over the run, on the paper's schedule scaled to ``steps``: plain BN for the first tenth,
+dmax at half the run, rmax at four fifths) or "none". In the MLP, "before" puts batch norm between the linear
 map and the activation, as the paper does (x -> BN(Wx) -> f); "after" puts it after
 the activation (x -> f(Wx + b) -> BN).
 
@@ -17,11 +19,12 @@ import math
 from torch import nn
 
 from .. import layers
+from ..renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = ["ACTIVATIONS", "NORMS", "Probe", "cnn", "mlp", "paper_init"]
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
-NORMS = ("bn", "torch", "none")
+NORMS = ("bn", "torch", "renorm", "none")
 INIT_STD = 0.1  # the paper: "small random Gaussian values"; it gives no number
 
 
@@ -29,9 +32,14 @@ class Probe(nn.Identity):
     """Marks the input of an activation; register a forward hook on it to record it."""
 
 
-def _norm(kind: str, features: int, rank: int, momentum: float | None) -> nn.Module:
+def _norm(kind: str, features: int, rank: int, momentum: float | None, steps: int = 50_000) -> nn.Module:
     if kind not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got norm={kind!r}")
+    if kind == "renorm":
+        if momentum is None:
+            raise ValueError("norm='renorm' needs a bn_momentum in [0, 1] (its running standard deviation), got None")
+        schedule = dict(warmup_steps=steps // 10, dmax_steps=steps // 2, rmax_steps=steps * 4 // 5)
+        return (BatchRenorm1d if rank == 1 else BatchRenorm2d)(features, momentum=momentum, **schedule)
     if kind == "bn":
         return (layers.BatchNorm1d if rank == 1 else layers.BatchNorm2d)(features, momentum=momentum)
     return (nn.BatchNorm1d if rank == 1 else nn.BatchNorm2d)(features, momentum=momentum)
@@ -54,6 +62,7 @@ def mlp(
     placement: str = "before",
     dropout: float = 0.0,
     bn_momentum: float | None = 0.1,
+    steps: int = 50_000,
 ) -> nn.Sequential:
     """Flatten, ``depth`` hidden layers of ``width`` units, a linear output (the paper: 3 x 100, sigmoid)."""
     if placement not in ("before", "after"):
@@ -69,10 +78,10 @@ def mlp(
         # before the activation, BN's beta replaces the linear bias
         blocks.append(nn.Linear(features, width, bias=not (with_norm and placement == "before")))
         if with_norm and placement == "before":
-            blocks.append(_norm(norm, width, 1, bn_momentum))
+            blocks.append(_norm(norm, width, 1, bn_momentum, steps))
         blocks += [Probe(), _activation(activation)]
         if with_norm and placement == "after":
-            blocks.append(_norm(norm, width, 1, bn_momentum))
+            blocks.append(_norm(norm, width, 1, bn_momentum, steps))
         if dropout:
             blocks.append(nn.Dropout(dropout))
         features = width
@@ -90,6 +99,7 @@ def cnn(
     activation: str = "relu",
     norm: str = "bn",
     bn_momentum: float | None = 0.1,
+    steps: int = 50_000,
 ) -> nn.Sequential:
     """Convolutions with batch norm after each: Conv1d for (L,) or (C, L) signals, Conv2d for (C, H, W) images.
 
@@ -116,7 +126,7 @@ def cnn(
     for out in channels:
         blocks.append(conv(features, out, 3, padding=1, bias=norm == "none"))
         if norm != "none":
-            blocks.append(_norm(norm, out, 2 if rank == 2 else 1, bn_momentum))
+            blocks.append(_norm(norm, out, 2 if rank == 2 else 1, bn_momentum, steps))
         blocks += [Probe(), _activation(activation), pool(2)]
         features = out
     blocks += [global_pool, nn.Flatten(), nn.Linear(features, num_classes)]

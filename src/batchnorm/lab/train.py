@@ -43,7 +43,7 @@ class Config:
     data: str = "mnist1d"
     model: str = "mlp"  # mlp or cnn
     activation: str = "sigmoid"
-    norm: str = "bn"  # bn, torch or none
+    norm: str = "bn"  # bn, torch, renorm or none
     placement: str = "before"  # before or after the activation (MLP)
     dropout: float = 0.0
     depth: int = 3
@@ -117,6 +117,7 @@ def build_model(config: Config, dataset: data_module.Dataset) -> nn.Module:
             placement=config.placement,
             dropout=config.dropout,
             bn_momentum=config.bn_momentum,
+            steps=config.steps,
         )
     return models.cnn(
         dataset.example_shape,
@@ -124,6 +125,7 @@ def build_model(config: Config, dataset: data_module.Dataset) -> nn.Module:
         activation=config.activation,
         norm=config.norm,
         bn_momentum=config.bn_momentum,
+        steps=config.steps,
     )
 
 
