@@ -34,7 +34,8 @@ def _unchanged(module, state):
             lambda: torch.randn(1, 3, 1, 1),
             ValueError,
             "Expected more than 1 value per channel when training, got input size torch.Size([1, 3, 1, 1]); "
-            "use eval mode (model.eval()), a batch with more than one value per channel, or a normalization "
+            "use eval mode (model.eval()), a batch with more than one value per channel, a layer built with "
+            "single_value='use_running' (the running statistics for such a batch), or a normalization "
             "that does not depend on the batch (LayerNorm, GroupNorm)",
         ),
         (
@@ -151,3 +152,30 @@ def test_counter_on_another_device(shape, monkeypatch):
         module(torch.randn(shape))
     assert torch.equal(module.running_mean, torch.zeros(3)) and torch.equal(module.running_var, torch.ones(3))
     module.eval()(torch.randn(shape))  # evaluation does not read it
+
+
+def test_single_value_use_running_normalizes_a_batch_of_one_with_the_running_statistics():
+    """A training batch of one value per channel: torch raises (the default here too); with
+    single_value='use_running' it is normalized as in eval, and nothing is updated."""
+    layer = batchnorm.BatchNorm1d(3, single_value="use_running")
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+        layer.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+        layer.weight.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    x = torch.tensor([[3.0, 0.0, 1.5]])
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    expected = layer.weight * (x - layer.running_mean) / torch.sqrt(layer.running_var + 1e-5)
+    torch.testing.assert_close(y, expected.detach())
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert layer.training and "single_value='use_running'" in repr(layer)
+    layer(torch.randn(4, 3))  # a real batch: batch statistics and an update, as always
+    assert layer.num_batches_tracked.item() == 1
+    with pytest.raises(ValueError, match=re.escape("single_value='use_running' (the running statistics")):
+        batchnorm.BatchNorm1d(3)(x)
+    with pytest.raises(
+        ValueError, match=re.escape("single_value must be 'raise' or 'use_running', got single_value='skip'")
+    ):
+        batchnorm.BatchNorm1d(3, single_value="skip")
+    assert batchnorm.BatchNorm(3, axis=-1, single_value="use_running")(torch.randn(1, 3)).shape == (1, 3)

@@ -423,7 +423,8 @@ def test_compile_function_modes_and_transforms_take_the_ops(routes):
          "This input cannot have requires_grad True."),
         (None, (1, 8), ValueError,
          "Expected more than 1 value per channel when training, got input size torch.Size([1, 8]); "
-         "use eval mode (model.eval()), a batch with more than one value per channel, or a normalization "
+         "use eval mode (model.eval()), a batch with more than one value per channel, a layer built with "
+         "single_value='use_running' (the running statistics for such a batch), or a normalization "
          "that does not depend on the batch (LayerNorm, GroupNorm)"),
         (None, (60, 9), ValueError, "BatchNorm1d(num_features=8) expected input with 8 channels on axis 1, got 9 "
          "(input size (60, 9))"),

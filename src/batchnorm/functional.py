@@ -300,6 +300,7 @@ def normalize(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}; "
             "use eval mode (model.eval()), a batch with more than one value per channel, "
+            "a layer built with single_value='use_running' (the running statistics for such a batch), "
             "or a normalization that does not depend on the batch (LayerNorm, GroupNorm)"
         )
     running = None

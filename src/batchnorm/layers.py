@@ -51,6 +51,9 @@ Args:
     affine: learn ``weight`` and ``bias``. Default: True
     track_running_stats: keep running averages for evaluation. Default: True
     bias: (keyword-only, as in torch 2.13) learn ``bias`` when affine. Default: True
+    single_value: (keyword-only) a training batch with one value per channel (batch 1 of
+        (N, C) input): "raise" as torch does, or "use_running": normalize it with the running
+        statistics and leave them unchanged. Default: "raise"
 """
 
 
@@ -66,6 +69,7 @@ class _BatchNorm(nn.Module):
 
     _version = 2  # as torch: version 2 added num_batches_tracked
     axis: int = 1
+    single_value: str = "raise"  # a training batch of one value per channel: "raise" or "use_running"
 
     def __init__(
         self,
@@ -78,9 +82,12 @@ class _BatchNorm(nn.Module):
         dtype=None,
         *,
         bias: bool = True,
+        single_value: str = "raise",
     ) -> None:
         if not isinstance(self, LazyModuleMixin):
             _check_constructor(num_features, eps, momentum)
+        if single_value not in ("raise", "use_running"):
+            raise ValueError(f"single_value must be 'raise' or 'use_running', got single_value={single_value!r}")
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -88,6 +95,8 @@ class _BatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        if single_value != "raise":
+            self.single_value = single_value
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -143,6 +152,9 @@ class _BatchNorm(nn.Module):
         # torch's rules: batch statistics in training or without running buffers;
         # the buffers go in unless training without tracking
         use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and self.single_value == "use_running" and running_mean is not None:
+            if input.numel() == input.shape[self.axis] and self.track_running_stats:
+                training = use_batch_stats = False  # one value per channel: the running statistics, no update
         if training and not self.track_running_stats:
             running_mean = running_var = None
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
@@ -162,6 +174,8 @@ class _BatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if type(self).__name__ == "BatchNorm" else ""
+        if self.single_value != "raise":
+            axis += f", single_value={self.single_value!r}"
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}{axis}"
@@ -229,11 +243,22 @@ class BatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         axis: int = 1,
+        single_value: str = "raise",
     ) -> None:
         if isinstance(axis, bool) or not isinstance(axis, int) or not -5 <= axis <= 4:
             raise ValueError(f"axis must be an integer in [-5, 4], got axis={axis!r}")
         self.axis = axis
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            single_value=single_value,
+        )
 
 
 class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
