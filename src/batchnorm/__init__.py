@@ -1,6 +1,7 @@
 """batchnorm: exact, fast batch normalization for PyTorch (Ioffe & Szegedy 2015)."""
 
 from . import functional, ops
+from .accumulate import accumulate
 from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .conversion import convert, revert
 from .fold import fold, fold_weights
@@ -43,6 +44,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "PaperEstimator",
+    "accumulate",
     "convert",
     "fold",
     "fold_weights",

@@ -157,6 +157,14 @@ class _BatchNorm(nn.Module):
                 training = use_batch_stats = False  # one value per channel: the running statistics, no update
         if training and not self.track_running_stats:
             running_mean = running_var = None
+        accumulator = self.__dict__.get("_accumulator")  # batchnorm.accumulate's, while its block runs
+        if accumulator is not None and training and running_mean is not None:
+            y = F.normalize(
+                input, None, None, parameters["weight"], parameters["bias"], True, self.momentum, self.eps,
+                self.axis, None, self, epilogue,
+            )  # fmt: skip
+            accumulator.observe(self, input)
+            return y
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
         return F.normalize(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
