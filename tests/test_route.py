@@ -126,7 +126,7 @@ FLOORS = [
     {"bench.py", "model_bench.py"},
     {"lab"},
     {"fold.py"},
-    {"frozen.py", "accumulate.py"},
+    {"frozen.py", "accumulate.py", "health.py"},
     {"stats.py", "networks.py", "conversion.py"},
     {"activated.py", "ghost.py", "renorm.py"},
     {"layers.py"},

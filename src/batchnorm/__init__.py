@@ -7,6 +7,7 @@ from .conversion import convert, revert
 from .fold import fold, fold_weights
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from .health import inspect
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -50,6 +51,7 @@ __all__ = [
     "fold_weights",
     "freeze",
     "functional",
+    "inspect",
     "ops",
     "population_statistics",
     "revert",
