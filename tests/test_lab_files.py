@@ -313,3 +313,20 @@ def test_a_second_report_into_the_same_folder_drops_the_first_ones_figures(tmp_p
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["fig1-1.png", "fig1-2.png", "notes.png"]
     assert report.EXPERIMENTS  # the names the cleanup matches
+
+
+def test_inspect_reports_a_real_checkpoint_and_refuses_a_crafted_one(checkpointed, tmp_path, capsys):
+    """batchnorm inspect on the lab's checkpoint: the report table with every batch-norm layer of
+    the paper's MLP (three), over the batches asked for; a crafted file is refused, nothing run."""
+    path = checkpointed / "checkpoint.pt"
+    assert cli.main(["inspect", str(path), "--batches", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: step 10, 3 training batches of 30" in out
+    rows = [line for line in out.splitlines() if "| BatchNorm1d |" in line]
+    assert len(rows) == 3 and all("| 0.1 | train |" in row for row in rows)
+    marker = tmp_path / "ran"
+    state = torch.load(path, weights_only=True)
+    state["metrics"] = [_RunsACommand(marker)]
+    torch.save(state, path)
+    _refused(capsys, cli.main(["inspect", str(path)]), path, "refused")
+    assert not marker.exists()

@@ -77,6 +77,16 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the report to this file")
     _add_train(commands)
     _add_lab(commands)
+    inspect = commands.add_parser(
+        "inspect",
+        help="the batch-norm health report of a lab checkpoint",
+        description="Per-layer health of the batch norms of a `batchnorm train --checkpoint-every` checkpoint, "
+        "over training batches of its data: train/eval gap, running against population statistics, dead and "
+        "collapsed channels, modes; each finding with what to do.",
+    )
+    inspect.add_argument("checkpoint", help="a checkpoint.pt written by batchnorm train")
+    inspect.add_argument("--batches", type=_positive, default=10, help="training batches to look at (default: 10)")
+    inspect.add_argument("--batch-size", type=_positive, help="their size (default: the run's batch size)")
     return root
 
 
@@ -240,7 +250,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _train(args)
+    if args.command == "inspect":
+        return _inspect(args)
     return _lab(args)
+
+
+def _inspect(args) -> int:
+    from .health import inspect
+    from .lab import checkpoints, data
+    from .lab import train as lab
+
+    try:
+        state = checkpoints.load(args.checkpoint, lab._CHECKPOINT_KEYS)
+        config = lab.Config(**state["config"])
+        dataset = data.load(config.data)
+        model = lab.build_model(config, dataset)
+        model.load_state_dict(state["model"])
+    except (checkpoints.CheckpointError, data.DataError, ValueError, TypeError, RuntimeError) as error:
+        print(f"batchnorm inspect: error: {error}", file=sys.stderr)
+        return 2
+    size = args.batch_size or config.batch_size
+    x = dataset.x_train
+    batches = [x[start : start + size] for start in range(0, min(len(x), size * args.batches), size)]
+    print(f"{args.checkpoint}: step {state['step']}, {len(batches)} training batches of {size}")
+    print(inspect(model.train(), batches))
+    return 0
 
 
 if __name__ == "__main__":
