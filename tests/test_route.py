@@ -128,7 +128,7 @@ FLOORS = [
     {"fold.py"},
     {"frozen.py", "accumulate.py", "health.py"},
     {"stats.py", "networks.py", "conversion.py"},
-    {"activated.py", "ghost.py", "renorm.py"},
+    {"activated.py", "ghost.py", "renorm.py", "keras.py"},
     {"layers.py"},
     {"functional.py"},
     {"route.py"},

@@ -8,6 +8,7 @@ from .fold import fold, fold_weights
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze, unfreeze
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .health import inspect
+from .keras import keras_batch_norm, keras_weights, load_keras_weights
 from .layers import (
     BatchNorm,
     BatchNorm1d,
@@ -52,6 +53,9 @@ __all__ = [
     "freeze",
     "functional",
     "inspect",
+    "keras_batch_norm",
+    "keras_weights",
+    "load_keras_weights",
     "ops",
     "population_statistics",
     "revert",
