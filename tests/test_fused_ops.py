@@ -88,7 +88,7 @@ def test_default_implementation_is_torchs(training, save, residual, activation, 
     running = (torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5)
     options = Epilogue(activation, 0.2, 0.5, r, save)
     if training:
-        out, mean, invstd, _ = fused_ops._train_reference(x, weight, bias, r, 1e-5, 1, activation, 0.2, 0.5, save)
+        out, mean, invstd, _ = fused_ops._train_reference(x, weight, bias, 1e-5, 1, options)
     else:
         out = fused_ops._eval_reference(x, *running, weight, bias, 1e-5, 1, options)
         mean, invstd = running[0], torch.rsqrt(running[1] + 1e-5)

@@ -67,3 +67,17 @@ def test_bad_arguments():
         batchnorm.inspect(_model(), [])
     with pytest.raises(TypeError, match=re.escape("model must be a torch.nn.Module, got str")):
         batchnorm.inspect("model", [])
+
+
+def test_a_layer_with_its_channels_last_is_read_on_its_axis():
+    """BatchNorm(axis=-1): the population statistics over every axis but the last."""
+    torch.manual_seed(0)
+    layer = batchnorm.BatchNorm(3, axis=-1)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    data = [torch.randn(4, 5, 3) * 2 for _ in range(2)]
+    report = batchnorm.inspect(nn.Sequential(layer), data)
+    values = torch.cat(data).double().reshape(-1, 3)
+    var, mean = torch.var_mean(values, 0, correction=0)
+    expected = ((layer.running_mean.double() - mean).abs() / torch.sqrt(var + 1e-5)).max().item()
+    assert report.layers[0].mean_drift == pytest.approx(expected, rel=1e-9)

@@ -203,22 +203,24 @@ def _constant(value) -> bool:
     return not isinstance(value, fx.Node)
 
 
+def _module_activation(module: nn.Module) -> tuple[str, float, float] | None:
+    """(activation, negative_slope, alpha) of an activation module, or None."""
+    name = _MODULES.get(type(module))
+    if name == "gelu" and module.approximate == "tanh":
+        name = "gelu_tanh"
+    if name is None:
+        return None
+    return name, float(getattr(module, "negative_slope", 0.01)), float(getattr(module, "alpha", 1.0))
+
+
 def _activation(node: fx.Node, modules: dict) -> tuple[str, float, float] | None:
     """(activation, negative_slope, alpha) of an activation node whose only tensor argument is
     its first, or None."""
     slope, alpha = 0.01, 1.0
     if node.op == "call_module":
-        module = modules.get(node.target)
-        name = _MODULES.get(type(module))
-        if name is None or len(node.args) != 1 or node.kwargs:
+        if len(node.args) != 1 or node.kwargs:
             return None
-        if name == "leaky_relu":
-            slope = module.negative_slope
-        elif name == "elu":
-            alpha = module.alpha
-        elif name == "gelu" and module.approximate == "tanh":
-            name = "gelu_tanh"
-        return name, float(slope), float(alpha)
+        return _module_activation(modules.get(node.target))
     if node.op == "call_method":
         name = _METHODS.get(node.target)
         return None if name is None or len(node.args) != 1 or node.kwargs else (name, slope, alpha)
@@ -257,14 +259,29 @@ def _residual(add: fx.Node, node: fx.Node) -> fx.Node | None:
     return other
 
 
+def module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How many call_module nodes call each module path: a module called twice cannot be
+    rewritten at one of its calls."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def _fused_layer(plain: nn.Module, activation: tuple[str, float, float], inplace: bool) -> nn.Module:
+    """The fused layer holding ``plain``'s tensors, in place where asked and the activation is invertible."""
+    name, slope, alpha = activation
+    invertible = name in INVERTIBLE and (name != "leaky_relu" or slope > 0) and (name != "elu" or alpha > 0)
+    options = dict(activation=name, negative_slope=slope, alpha=alpha, inplace=inplace and invertible)
+    return _moved(plain, _FUSED[type(plain)], **options)
+
+
 def _fuse_graph(graph_module: fx.GraphModule, inplace: bool) -> int:
     """Rewrites ``graph_module``'s batch norm -> (add) -> activation chains into fused layers;
     returns how many."""
     modules = dict(graph_module.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph_module.graph)
     fused = 0
     for node in list(graph_module.graph.nodes):
         if node.op != "call_module" or type(modules.get(node.target)) not in _FUSED:
@@ -283,17 +300,7 @@ def _fuse_graph(graph_module: fx.GraphModule, inplace: bool) -> int:
             activation = _activation(user, modules)
         if activation is None:
             continue
-        name, slope, alpha = activation
-        plain = modules[node.target]
-        invertible = name in INVERTIBLE and (name != "leaky_relu" or slope > 0) and (name != "elu" or alpha > 0)
-        layer = _moved(
-            plain,
-            _FUSED[type(plain)],
-            activation=name,
-            negative_slope=slope,
-            alpha=alpha,
-            inplace=inplace and invertible,
-        )
+        layer = _fused_layer(modules[node.target], activation, inplace)
         _set_module(graph_module, node.target, layer)
         modules[node.target] = layer
         with graph_module.graph.inserting_before(user):
@@ -332,18 +339,10 @@ def _fuse_sequentials(model: nn.Module, inplace: bool) -> int:
             continue
         children = list(module.named_children())
         for (name, first), (next_name, second) in zip(children, children[1:], strict=False):
-            name_of = _MODULES.get(type(second))
-            if type(first) not in _FUSED or name_of is None:
+            activation = _module_activation(second)
+            if type(first) not in _FUSED or activation is None:
                 continue
-            slope = float(getattr(second, "negative_slope", 0.01))
-            alpha = float(getattr(second, "alpha", 1.0))
-            if name_of == "gelu" and second.approximate == "tanh":
-                name_of = "gelu_tanh"
-            invertible = name_of in INVERTIBLE and (name_of != "leaky_relu" or slope > 0) and alpha > 0
-            setattr(module, name, _moved(
-                first, _FUSED[type(first)], activation=name_of, negative_slope=slope, alpha=alpha,
-                inplace=inplace and invertible,
-            ))  # fmt: skip
+            setattr(module, name, _fused_layer(first, activation, inplace))
             setattr(module, next_name, FusedAway(second))
             fused += 1
     return fused

@@ -135,10 +135,7 @@ def fold(model: nn.Module) -> nn.Module:
 
 def _fold_graph(graph_module: fx.GraphModule) -> int:
     graph = graph_module.graph
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = conversion.module_calls(graph)
     folded = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(graph_module.get_submodule(node.target), _FOLDABLE):

@@ -53,22 +53,22 @@ def forward_train_act(
     save: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(act(y + residual), mean, invstd, var) with the batch statistics (var biased)."""
-    return _train_reference(input, weight, bias, residual, eps, axis, activation, negative_slope, alpha, save)
+    epilogue = Epilogue(activation, negative_slope, alpha, residual, save)
+    return _train_reference(input, weight, bias, eps, axis, epilogue)
 
 
-def _train_reference(input, weight, bias, residual, eps, axis, activation, negative_slope, alpha, save):
+def _train_reference(input, weight, bias, eps, axis, epilogue):
     y, mean, invstd, var = reference.forward_train(input, weight, bias, eps, axis)
-    out = epilogues.apply(y, Epilogue(activation, negative_slope, alpha, residual, save))
-    return out, mean, invstd, var
+    return epilogues.apply(y, epilogue), mean, invstd, var
 
 
 @forward_train_act.register_kernel("cpu")
 def _forward_train_act_cpu(input, weight, bias, residual, eps, axis, activation, negative_slope, alpha, save):
+    epilogue = Epilogue(activation, negative_slope, alpha, residual, save)
     if ops._forked_child or input.numel() == 0:
-        return _train_reference(input, weight, bias, residual, eps, axis, activation, negative_slope, alpha, save)
+        return _train_reference(input, weight, bias, eps, axis, epilogue)
     stat = reference.compute_dtype(input.dtype)
     mean, invstd, var = (torch.empty(input.shape[axis], dtype=stat) for _ in range(3))
-    epilogue = Epilogue(activation, negative_slope, alpha, residual, save)
     out, _ = launch.train(
         input, weight, bias, eps, axis, mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), epilogue=epilogue
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import functional as F
 from .stats import ExactEstimator, batch_norm_layers
 
 __all__ = ["Health", "Report", "inspect"]
@@ -73,12 +74,6 @@ def _inputs(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _channels(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = [d for d in range(t.dim()) if d != 1]
-    var, mean = torch.var_mean(t.detach().double(), dim=dims, correction=0)
-    return mean, var
-
-
 def inspect(model: nn.Module, batches, max_batches: int | None = None) -> Report:
     """The health report of ``model``'s batch-norm layers over ``batches`` (see the module docstring)."""
     if not isinstance(model, nn.Module):
@@ -94,8 +89,9 @@ def inspect(model: nn.Module, batches, max_batches: int | None = None) -> Report
         def record(module, args, output):
             outputs[name][phase["mode"]].append(output.detach())
             if phase["mode"] == "eval":
-                mean, var = _channels(args[0])
-                population[name].update(mean, var, args[0].numel() // args[0].shape[1])
+                axis = getattr(module, "axis", 1)  # this project's BatchNorm takes any channel axis
+                mean, var = F.batch_statistics(args[0], axis)
+                population[name].update(mean, var, args[0].numel() // args[0].shape[axis])
 
         return record
 

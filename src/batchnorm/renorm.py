@@ -85,9 +85,9 @@ class _Renorm:
         if not self.training or type(input) is not Tensor:
             return super().forward(input)  # evaluation, and tracing: BatchNorm's
         self._check_input_dim(input)
-        mean, var = F.batch_statistics(input, self.axis)
         if input.shape[self.axis] != self.num_features or input.numel() == input.shape[self.axis]:
             return super().forward(input)  # the plain layer's errors
+        mean, var = F.batch_statistics(input, self.axis)
         rmax, dmax = self.limits()
         with torch.no_grad():
             sigma_batch = torch.sqrt(var + self.eps)
