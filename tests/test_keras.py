@@ -1,6 +1,7 @@
 """keras.py: Keras' arguments and weight lists, against Keras' BatchNormalization written out
 in numpy (Keras does not install here): evaluation, one training step's outputs and moving
-averages (with torch's unbiased variance, the one documented difference), and the weights."""
+averages (Keras' biased moving variance by default, torch's unbiased one when asked), and the
+weights."""
 
 import re
 
@@ -21,9 +22,12 @@ def _weights(C, seed=0):
     return [rng.uniform(0.5, 1.5, C), rng.normal(size=C), rng.normal(size=C), rng.uniform(0.5, 2.0, C)]
 
 
-def test_the_same_arrays_give_keras_outputs_in_eval_and_one_training_step():
+@pytest.mark.parametrize("correction", [0, 1])
+def test_the_same_arrays_give_keras_outputs_in_eval_and_one_training_step(correction):
     weights = _weights(5)
-    layer = batchnorm.keras_batch_norm(5, dtype=torch.float64)  # momentum 0.99, epsilon 1e-3, axis -1
+    # momentum 0.99, epsilon 1e-3, axis -1; correction 0 is the default (Keras')
+    options = {} if correction == 0 else {"running_var_correction": 1}
+    layer = batchnorm.keras_batch_norm(5, dtype=torch.float64, **options)
     batchnorm.load_keras_weights(layer, weights)
     x = np.random.default_rng(1).normal(2.0, 3.0, size=(8, 4, 5))
     layer.eval()
@@ -38,10 +42,9 @@ def test_the_same_arrays_give_keras_outputs_in_eval_and_one_training_step():
     m = 8 * 4
     keras_mean = moving_mean * 0.99 + mean * 0.01
     np.testing.assert_allclose(batchnorm.keras_weights(layer)[2], keras_mean, rtol=1e-12)
-    # Keras keeps the biased variance; torch's convention, kept here, the unbiased one
-    np.testing.assert_allclose(
-        batchnorm.keras_weights(layer)[3], moving_variance * 0.99 + var * m / (m - 1) * 0.01, rtol=1e-12
-    )
+    # Keras keeps the biased variance; torch's convention (correction 1) the unbiased one
+    batch_var = var if correction == 0 else var * m / (m - 1)
+    np.testing.assert_allclose(batchnorm.keras_weights(layer)[3], moving_variance * 0.99 + batch_var * 0.01, rtol=1e-12)
 
 
 @pytest.mark.parametrize("center, scale, names", [(True, False, 3), (False, True, 3), (False, False, 2)])

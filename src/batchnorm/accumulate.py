@@ -58,7 +58,7 @@ class _Accumulator:
             mean, var = moments.mean.to(dtype), (moments.sum_sq / moments.count).to(dtype)
             F.update_running_stats(
                 layer.running_mean, layer.running_var, layer.num_batches_tracked, mean, var, moments.count,
-                layer.momentum,
+                layer.momentum, layer.running_var_correction,
             )  # fmt: skip
         self.seen, self.moments = 0, ExactEstimator()
 

@@ -79,6 +79,10 @@ _TORCH_BASES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 # ------------------------------------------------------------------ the layers
 
 
+# options of this project's layers that torch's have not, stored on a layer only when not the default
+_OPTIONS = ("single_value", "running_var_correction")
+
+
 def _moved(source: nn.Module, cls: type, **options) -> nn.Module:
     """A ``cls`` layer holding ``source``'s parameters and buffers themselves (no copy), its
     hyperparameters and its mode."""
@@ -99,6 +103,17 @@ def _moved(source: nn.Module, cls: type, **options) -> nn.Module:
         target = cls(
             source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats, device="meta"
         )
+    for name in _OPTIONS:  # the options of this project's layers, kept where the target has them
+        if name in source.__dict__:
+            if isinstance(target, layers._BatchNorm):
+                target.__dict__[name] = source.__dict__[name]
+            elif source.__dict__[name] != getattr(layers._BatchNorm, name):
+                warnings.warn(
+                    f"torch's {cls.__name__} has no {name}={source.__dict__[name]!r}: the reverted layer "
+                    f"behaves as torch's ({name}={getattr(layers._BatchNorm, name)!r})",
+                    UserWarning,
+                    stacklevel=4,
+                )
     target._parameters = dict(source._parameters)
     target._buffers = dict(source._buffers)
     target.train(source.training)

@@ -46,6 +46,7 @@ __all__ = [
     "check_channel_tensors",
     "check_eps",
     "check_input",
+    "check_correction",
     "check_momentum",
     "check_options",
     "normalize",
@@ -65,6 +66,15 @@ def check_momentum(momentum: float | None) -> None:
         raise TypeError(f"momentum must be a number in [0, 1] or None, got momentum={momentum!r}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got momentum={momentum!r}")
+
+
+def check_correction(correction: int) -> None:
+    """The running variance's Bessel correction, torch.var's word: 1 (the unbiased var, torch's
+    layers) or 0 (the biased var, Keras' and Flax')."""
+    if isinstance(correction, bool) or correction not in (0, 1):
+        raise ValueError(
+            f"running_var_correction must be 1 (unbiased, torch's) or 0 (biased, Keras'), got {correction!r}"
+        )
 
 
 def check_eps(eps: float) -> None:
@@ -218,17 +228,20 @@ def update_running_stats(
     var: Tensor,
     count: int,
     momentum: float | None,
+    correction: int = 1,
 ) -> None:
     """The layers' running update, in place, from a batch's per-channel ``mean`` and biased
     ``var`` over ``count`` values each (the variants that compute their own batch statistics
-    call it): running_var takes var * count/(count - 1); ``momentum=None`` is the cumulative
-    average; a non-finite ``mean`` or ``var`` changes nothing (num_batches_tracked included)."""
+    call it): running_var takes var * count/(count - correction) (1: unbiased, torch's; 0:
+    biased, Keras'); ``momentum=None`` is the cumulative average; a non-finite ``mean`` or
+    ``var`` changes nothing (num_batches_tracked included)."""
     check_momentum(momentum)
+    check_correction(correction)
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     factor = -1.0 if momentum is None else float(momentum)
     with torch.no_grad():
-        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, factor)
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, factor, correction)
 
 
 def activate(
@@ -254,7 +267,7 @@ def activate(
     channels = input.shape[1]
     stat = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     zeros = torch.zeros(channels, dtype=stat, device=input.device)
-    running = (zeros, torch.ones(channels, dtype=stat, device=input.device), None, 0, 0.0)
+    running = (zeros, torch.ones(channels, dtype=stat, device=input.device), None, 0, 0.0, 1)
     return route.normalize(input, None, None, 0.0, 1, False, running, epilogue)
 
 
@@ -271,12 +284,15 @@ def normalize(
     num_batches_tracked: Tensor | None,
     layer=None,
     epilogue=None,
+    correction: int = 1,
 ) -> Tensor:
     """batch_norm with every argument given: the checks, then route.normalize.
 
     The modules call this with ``layer`` (themselves): the input's channels must then be
     their ``num_features``, and an error names the layer. A fused layer passes its
     ``epilogue`` (epilogue.Epilogue: activation, residual, what backward keeps).
+    ``correction`` is the running variance's (check_correction): it takes the batch's
+    var * m/(m - correction).
     """
     axis = check_input(input, axis)
     channels = input.shape[axis]
@@ -293,7 +309,7 @@ def normalize(
     if not training:
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode (training=False)")
-        running = (running_mean, running_var, None, 0, 0.0)
+        running = (running_mean, running_var, None, 0, 0.0, 1)
         return route.normalize(input, weight, bias, eps, axis, False, running, epilogue)
     count = input.numel() // channels if channels else 0
     if count == 1:
@@ -308,5 +324,5 @@ def normalize(
         if momentum is None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = -1.0 if momentum is None else float(momentum)
-        running = (running_mean, running_var, num_batches_tracked, count, factor)
+        running = (running_mean, running_var, num_batches_tracked, count, factor, correction)
     return route.normalize(input, weight, bias, eps, axis, True, running, epilogue)

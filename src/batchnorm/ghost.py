@@ -89,8 +89,9 @@ class _Ghost:
             var = (chunk_var.view(G, C) * ((m - 1) / m)).mean(0)  # back to biased, as the update takes it
             mean = torch.where(counted > 0, mean, torch.nan)  # a non-finite chunk: no update
             F.update_running_stats(
-                self.running_mean, self.running_var, self.num_batches_tracked, mean, var, m, self.momentum
-            )
+                self.running_mean, self.running_var, self.num_batches_tracked, mean, var, m, self.momentum,
+                self.running_var_correction,
+            )  # fmt: skip
         else:
             y = F.batch_norm(chunks, None, None, weight, bias, True, 0.0, self.eps, 1)
         return y.reshape(v, G, C, *rest).transpose(0, 1).reshape(input.shape)

@@ -12,9 +12,9 @@ differs from torch's layer in its words, not its evaluation:
 ``keras_batch_norm`` builds this project's ``BatchNorm`` with Keras' arguments and defaults;
 ``load_keras_weights`` and ``keras_weights`` move Keras' weight list in and out. Evaluation
 is then Keras' to float rounding: y = gamma * (x - moving_mean) / sqrt(moving_variance +
-epsilon) + beta. One training difference stays, torch's: the running variance takes the
-batch's unbiased variance (Keras and Flax keep the biased one), a factor m/(m-1) in each
-update for batches of m values per channel.
+epsilon) + beta, and so is training: the layer is built with ``running_var_correction=0``, so
+that the moving variance takes the batch's biased variance as Keras and Flax do (torch's
+layers take the unbiased one, a factor m/(m-1) for batches of m values per channel).
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ def keras_batch_norm(
     scale: bool = True,
     device=None,
     dtype=None,
+    running_var_correction: int = 0,
 ) -> BatchNorm:
     """This project's BatchNorm with Keras' arguments: momentum ``m`` is torch's ``1 - m``; no
-    gamma when ``scale`` is False, no beta when ``center`` is False."""
+    gamma when ``scale`` is False, no beta when ``center`` is False; the moving variance takes
+    the biased batch variance (``running_var_correction=0``, Keras'; 1 for torch's unbiased one)."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
         raise ValueError(f"momentum (Keras' convention) must be a number in [0, 1], got momentum={momentum!r}")
     layer = BatchNorm(
-        num_features, epsilon, 1.0 - momentum, scale or center, True, device, dtype, bias=center, axis=axis
-    )
+        num_features, epsilon, 1.0 - momentum, scale or center, True, device, dtype, bias=center, axis=axis,
+        running_var_correction=running_var_correction,
+    )  # fmt: skip
     if not scale and center:  # beta without gamma: torch's layer has no such form, ours takes weight None
         layer.register_parameter("weight", None)
     return layer

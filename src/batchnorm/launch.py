@@ -273,10 +273,10 @@ def running_addresses(running, dtype: torch.dtype, channels: int) -> tuple[int, 
     update, the counter's 0 when there is none; None when the buffers are not ``channels``
     dense values of ``dtype`` (the counter one int64), which the torch-ops update takes.
 
-    ``running`` is (running_mean, running_var, num_batches_tracked, count, momentum);
-    momentum < 0 (the cumulative average) needs the counter.
+    ``running`` is (running_mean, running_var, num_batches_tracked, count, momentum,
+    correction); momentum < 0 (the cumulative average) needs the counter.
     """
-    running_mean, running_var, num_batches_tracked, _count, momentum = running
+    running_mean, running_var, num_batches_tracked, _count, momentum, _correction = running
     # dense() written out: this runs on every training call of every layer
     if not (
         running_mean.dtype is dtype and running_mean.numel() == channels and running_mean.is_contiguous()
@@ -326,8 +326,9 @@ def update_running(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool
     if buffers is None:
         return None
     return update(
-        *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, running[3], running[4], 0.0
-    )
+        *buffers, mean.data_ptr(), spread.data_ptr(), spread_is_invstd, channels, eps, running[3], running[4],
+        running[5], 0.0,
+    )  # fmt: skip
 
 
 def train(
@@ -352,12 +353,13 @@ def train(
     w, b = per_channel(weight, dtype, 1.0, C), per_channel(bias, dtype, 0.0, C)
     buffers = None if running is None else running_addresses(running, dtype, C)
     running_mean, running_var, counter = buffers or (0, 0, 0)
-    momentum = float(running[4]) if buffers else 0.0
+    momentum, correction = (float(running[4]), running[5]) if buffers else (0.0, 1)
     kind = kind or family(A, C, B, x.element_size())
     updated = sets["forward_train_" + kind](
         x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean, invstd, var, A, C, B, float(eps), threads,
         plain and _past_caches(2, y, *_rows_of(kind, C, B)), ZERO[dtype], STORED[x.dtype],
-        running_mean, running_var, counter, momentum, 0 if residual is None else residual.data_ptr(), slope, alpha,
+        running_mean, running_var, counter, momentum, correction, 0 if residual is None else residual.data_ptr(),
+        slope, alpha,
     )  # fmt: skip
     return y, (updated if buffers else None)
 

@@ -32,9 +32,10 @@ Training, per channel c over the m values of the batch::
     mu  = (1/m) sum x_i          var = (1/m) sum (x_i - mu)^2          (biased)
     y_i = weight * (x_i - mu) / sqrt(var + eps) + bias
     running_mean = (1 - momentum) * running_mean + momentum * mu
-    running_var  = (1 - momentum) * running_var  + momentum * var * m/(m-1)   (unbiased)
+    running_var  = (1 - momentum) * running_var  + momentum * var * m/(m - c)
 
-``momentum`` weighs the new batch (0.1; Keras' 0.99 is ``1 - momentum``);
+with c = running_var_correction: 1, the unbiased var (torch's), or 0, the biased var
+(Keras' and Flax'). ``momentum`` weighs the new batch (0.1; Keras' 0.99 is ``1 - momentum``);
 ``momentum=None`` is the cumulative average, factor 1/num_batches_tracked.
 Evaluation: ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias``.
 With ``track_running_stats=False`` the batch statistics are used in both modes.
@@ -54,6 +55,8 @@ Args:
     single_value: (keyword-only) a training batch with one value per channel (batch 1 of
         (N, C) input): "raise" as torch does, or "use_running": normalize it with the running
         statistics and leave them unchanged. Default: "raise"
+    running_var_correction: (keyword-only) Bessel's correction of the batch variance that
+        the running variance takes: 1 (unbiased, torch's) or 0 (biased, Keras' and Flax'). Default: 1
 """
 
 
@@ -70,6 +73,7 @@ class _BatchNorm(nn.Module):
     _version = 2  # as torch: version 2 added num_batches_tracked
     axis: int = 1
     single_value: str = "raise"  # a training batch of one value per channel: "raise" or "use_running"
+    running_var_correction: int = 1  # the running variance's Bessel correction: 1 unbiased, 0 biased
 
     def __init__(
         self,
@@ -83,11 +87,13 @@ class _BatchNorm(nn.Module):
         *,
         bias: bool = True,
         single_value: str = "raise",
+        running_var_correction: int = 1,
     ) -> None:
         if not isinstance(self, LazyModuleMixin):
             _check_constructor(num_features, eps, momentum)
         if single_value not in ("raise", "use_running"):
             raise ValueError(f"single_value must be 'raise' or 'use_running', got single_value={single_value!r}")
+        F.check_correction(running_var_correction)
         super().__init__()
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -97,6 +103,8 @@ class _BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if single_value != "raise":
             self.single_value = single_value
+        if running_var_correction != 1:
+            self.running_var_correction = running_var_correction
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -168,7 +176,7 @@ class _BatchNorm(nn.Module):
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
         return F.normalize(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
-            self.momentum, self.eps, self.axis, num_batches_tracked, self, epilogue,
+            self.momentum, self.eps, self.axis, num_batches_tracked, self, epilogue, self.running_var_correction,
         )  # fmt: skip
 
     def __prepare_scriptable__(self):
@@ -184,6 +192,8 @@ class _BatchNorm(nn.Module):
         axis = f", axis={self.axis}" if type(self).__name__ == "BatchNorm" else ""
         if self.single_value != "raise":
             axis += f", single_value={self.single_value!r}"
+        if self.running_var_correction != 1:
+            axis += f", running_var_correction={self.running_var_correction}"
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}{axis}"
@@ -252,6 +262,7 @@ class BatchNorm(_BatchNorm):
         bias: bool = True,
         axis: int = 1,
         single_value: str = "raise",
+        running_var_correction: int = 1,
     ) -> None:
         if isinstance(axis, bool) or not isinstance(axis, int) or not -5 <= axis <= 4:
             raise ValueError(f"axis must be an integer in [-5, 4], got axis={axis!r}")
@@ -266,6 +277,7 @@ class BatchNorm(_BatchNorm):
             dtype,
             bias=bias,
             single_value=single_value,
+            running_var_correction=running_var_correction,
         )
 
 

@@ -114,18 +114,22 @@ def update_running_stats(
     var: Tensor,
     count: int,
     momentum: float,
+    correction: int = 1,
 ) -> None:
     """The running averages from one batch's mean and biased var over ``count`` values.
 
-    momentum < 0 means the cumulative average (factor 1/num_batches_tracked).
+    momentum < 0 means the cumulative average (factor 1/num_batches_tracked); running_var
+    takes var * count/(count - correction) (1: unbiased, torch's; 0: biased).
     Non-finite batch statistics change nothing (on the CPU, with a RuntimeWarning).
     """
-    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    reference.update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum, correction
+    )
 
 
 @update_running_stats.register_kernel("cpu")
-def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    running = (running_mean, running_var, num_batches_tracked, count, momentum)
+def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, correction=1):
+    running = (running_mean, running_var, num_batches_tracked, count, momentum, correction)
     alike = var.dtype is mean.dtype and var.numel() == mean.numel()
     if alike and mean.is_contiguous() and var.is_contiguous():  # what update_from_batch trusts
         update_from_batch(running, mean, var, False, 0.0)
@@ -134,14 +138,16 @@ def _update_running_stats_cpu(running_mean, running_var, num_batches_tracked, me
 
 
 @update_running_stats.register_fake
-def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+def _update_running_stats_fake(
+    running_mean, running_var, num_batches_tracked, mean, var, count, momentum, correction=1
+):
     return None
 
 
 def update_from_batch(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
     """The running update from one CPU batch's mean and var (or torch's 1/sqrt(var + eps)):
     every CPU caller's way in, ``running`` as (running_mean, running_var, num_batches_tracked,
-    count, momentum). The kernel by address (launch.update_running) when it takes the
+    count, momentum, correction). The kernel by address (launch.update_running) when it takes the
     tensors, else the torch-ops update; a non-finite batch changes nothing and warns."""
     updated = launch.update_running(running, mean, spread, spread_is_invstd, eps)
     if updated is None:
@@ -152,11 +158,13 @@ def update_from_batch(running, mean: Tensor, spread: Tensor, spread_is_invstd: b
 
 def update_with_torch(running, mean: Tensor, spread: Tensor, spread_is_invstd: bool, eps: float) -> None:
     """update_from_batch in torch ops, for statistics or buffers the kernel does not take."""
-    running_mean, running_var, num_batches_tracked, count, momentum = running
+    running_mean, running_var, num_batches_tracked, count, momentum, correction = running
     dtype = mean.dtype
     var = (spread.double().pow(-2) - eps).clamp_min(0).to(dtype) if spread_is_invstd else spread
     updated = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
-    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
+    reference.update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum, correction
+    )
     if not updated:
         warn_nonfinite()
 

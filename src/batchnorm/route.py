@@ -24,9 +24,10 @@ Every destination computes the same thing with the same semantics (running stati
 untouched by a non-finite or empty batch); the kernels' own choices (layout family,
 stores past the caches) are launch.py's.
 
-``running`` is (running_mean, running_var, num_batches_tracked, count, momentum): the
-buffers to update in training (None: no update), the statistics to normalize with in
-evaluation (the last three unused there).
+``running`` is (running_mean, running_var, num_batches_tracked, count, momentum,
+correction): the buffers to update in training (None: no update), the statistics to
+normalize with in evaluation (the last four unused there); running_var takes the batch's
+var * count/(count - correction).
 """
 
 from __future__ import annotations
@@ -158,10 +159,10 @@ def _sides(key: tuple):
             weight = torch.ones(C, dtype=dtype, requires_grad=recorded)
             bias = torch.zeros(C, dtype=dtype, requires_grad=recorded)
             if mode == "eval":
-                running = (torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype), None, 0, 0.0)
+                running = (torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype), None, 0, 0.0, 1)
             else:
                 running = (torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype), torch.zeros((), dtype=torch.long))
-                running += (values // C, 0.1)
+                running += (values // C, 0.1, 1)
             if recorded:
                 x.requires_grad_(True)
                 where = KERNELS_RECORDED if destination == KERNELS else TORCH

@@ -54,7 +54,7 @@ def _forward_train(family: int, act: int, has_residual: bool):
     @njit(**_serial)
     def forward_train(
         x, weight, bias, y, mean, invstd, var, A, C, B, eps, threads, nontemporal, zero, stored,
-        running_mean, running_var, counter, momentum, residual, slope, alpha,
+        running_mean, running_var, counter, momentum, correction, residual, slope, alpha,
     ):  # fmt: skip
         """The family's forward_train; the statistics go to mean, invstd and var, then the running update
         (cpu.update_running_stats_at) unless ``running_mean`` is 0 (one call from Python
@@ -74,7 +74,7 @@ def _forward_train(family: int, act: int, has_residual: bool):
             cpu.forward_train_rows(*arguments)
         else:
             folded.forward_train_folded(*arguments)
-        return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, zero)
+        return _update_after(running_mean, running_var, counter, mean, var, C, A * B, momentum, correction, zero)
 
     return forward_train
 

@@ -1102,11 +1102,12 @@ def _two_term_rows(dy, x, center, dy_scale, x_scale, const, dx, threads, nontemp
 
 
 @njit(**_serial)
-def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum):
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum, correction):
     """The running averages, or nothing if the batch statistics are not finite.
 
     running_mean = (1 - f) * running_mean + f * mu
-    running_var  = (1 - f) * running_var  + f * var * m/(m-1)      (unbiased)
+    running_var  = (1 - f) * running_var  + f * var * m/(m - correction)
+    (correction 1: the unbiased var, torch's; 0: the biased var, Keras' and Flax'),
     with f = momentum, or f = 1/num_batches_tracked (cumulative) when momentum < 0.
     num_batches_tracked (a 1-element array, or empty) counts the batches used.
     Returns False, changing nothing, when any mean or var is NaN or infinite.
@@ -1121,15 +1122,17 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
         factor = 1.0 / num_batches_tracked[0]
     else:
         factor = momentum
-    correction = m / (m - 1.0)
+    bessel = m / (m - correction)
     for c in range(C):
         running_mean[c] = (1.0 - factor) * running_mean[c] + factor * mean[c]
-        running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * correction)
+        running_var[c] = (1.0 - factor) * running_var[c] + factor * (var[c] * bessel)
     return True
 
 
 @njit(**_serial)
-def update_running_stats_from_invstd(running_mean, running_var, num_batches_tracked, mean, invstd, eps, m, momentum):
+def update_running_stats_from_invstd(
+    running_mean, running_var, num_batches_tracked, mean, invstd, eps, m, momentum, correction
+):
     """update_running_stats with the biased var recovered as 1/invstd^2 - eps, in float64.
 
     For statistics that come as (mean, 1/sqrt(var + eps)), as torch's kernel returns them;
@@ -1141,7 +1144,7 @@ def update_running_stats_from_invstd(running_mean, running_var, num_batches_trac
         inv = np.float64(invstd[c])
         # 0 when torch's float32 variance overflowed: an infinite var, refused below
         var[c] = max(1.0 / (inv * inv) - eps, 0.0) if inv != 0.0 else math.inf
-    return update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum)
+    return update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum, correction)
 
 
 # ------------------------------------------------------- arrays given by address
@@ -1161,7 +1164,18 @@ def _pointer(typingctx, address, example):
 
 @njit(**_serial)
 def update_running_stats_at(
-    running_mean, running_var, num_batches_tracked, mean, spread, spread_is_invstd, channels, eps, m, momentum, zero
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    mean,
+    spread,
+    spread_is_invstd,
+    channels,
+    eps,
+    m,
+    momentum,
+    correction,
+    zero,
 ):
     """update_running_stats on tensors given by their data addresses.
 
@@ -1180,9 +1194,9 @@ def update_running_stats_at(
     batch_spread = carray(_pointer(spread, zero), channels)
     if spread_is_invstd:
         return update_running_stats_from_invstd(
-            buffers_mean, buffers_var, counter, batch_mean, batch_spread, eps, m, momentum
+            buffers_mean, buffers_var, counter, batch_mean, batch_spread, eps, m, momentum, correction
         )
-    return update_running_stats(buffers_mean, buffers_var, counter, batch_mean, batch_spread, m, momentum)
+    return update_running_stats(buffers_mean, buffers_var, counter, batch_mean, batch_spread, m, momentum, correction)
 
 
 def update_at_signature(zero) -> tuple:
@@ -1193,7 +1207,9 @@ def update_at_signature(zero) -> tuple:
     which works out the type of every argument on each call: with cold caches that cost
     more than the update itself (docs/benchmarks.md, runs 36 to 39).
     """
-    return (types.int64,) * 5 + (types.boolean, types.int64, types.float64, types.int64, types.float64, typeof(zero))
+    return (types.int64,) * 5 + (
+        types.boolean, types.int64, types.float64, types.int64, types.float64, types.int64, typeof(zero),
+    )  # fmt: skip
 
 
 # ------------------------------------------- arrays of the kernels by address
@@ -1208,9 +1224,11 @@ def _at(address, shape, zero):
 
 
 @njit(**_serial)
-def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum, zero):
+def _update_after(running_mean, running_var, counter, mean, var, C, m, momentum, correction, zero):
     """The running update after a forward by address (update_running_stats_at), or True
     with nothing to do when ``running_mean`` is 0."""
     if running_mean == 0:
         return True
-    return update_running_stats_at(running_mean, running_var, counter, mean, var, False, C, 0.0, m, momentum, zero)
+    return update_running_stats_at(
+        running_mean, running_var, counter, mean, var, False, C, 0.0, m, momentum, correction, zero
+    )

@@ -58,6 +58,7 @@ def update_running_stats(
     var: Tensor,
     count: int,
     momentum: float,
+    correction: int = 1,
 ) -> None:
     """The running averages (see kernels.cpu.update_running_stats), without a host sync:
     a batch with non-finite statistics leaves everything as it was.
@@ -73,8 +74,8 @@ def update_running_stats(
         factor = 1.0 / num_batches_tracked.clamp(min=1).to(dtype)
     else:
         factor = torch.tensor(momentum, dtype=dtype, device=mean.device)
-    unbiased = var.to(dtype) * (count / (count - 1))
-    for buffer, batch in ((running_mean, mean.to(dtype)), (running_var, unbiased)):
+    corrected = var.to(dtype) * (count / (count - correction))
+    for buffer, batch in ((running_mean, mean.to(dtype)), (running_var, corrected)):
         old = buffer.to(dtype)
         buffer.copy_(torch.where(finite, (1 - factor) * old + factor * batch, old))
 
