@@ -131,7 +131,7 @@ FLOORS = [
     {"activated.py", "ghost.py", "renorm.py", "keras.py"},
     {"layers.py"},
     {"functional.py"},
-    {"route.py"},
+    {"route.py", "masked.py"},
     {"fused_ops.py"},
     {"ops.py"},
     {"launch.py"},

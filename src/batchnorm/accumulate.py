@@ -44,9 +44,10 @@ class _Accumulator:
         self.seen = 0
         self.moments = ExactEstimator()
 
-    def observe(self, layer: _BatchNorm, input) -> None:
-        mean, var = F.batch_statistics(input, layer.axis)
-        self.moments.update(mean, var, input.numel() // input.shape[layer.axis])
+    def observe(self, layer: _BatchNorm, input, mask=None) -> None:
+        mean, var = F.batch_statistics(input, layer.axis, mask)
+        count = input.numel() // input.shape[layer.axis] if mask is None else int(mask.sum())
+        self.moments.update(mean, var, count)
         self.seen += 1
         if self.seen == self.steps:
             self.flush(layer)

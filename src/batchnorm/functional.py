@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from . import epilogue as epilogues
-from . import ops, route
+from . import masked, ops, route
 from .kernels import reference
 
 Tensor = torch.Tensor
@@ -194,30 +194,36 @@ def batch_norm(
     axis: int = 1,
     *,
     num_batches_tracked: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization over every axis but ``axis`` (see the module docstring).
 
     With ``training=True`` the batch statistics normalize, and the running buffers,
     when given, are updated in place. With ``training=False`` the running buffers
-    normalize; they must be given.
+    normalize; they must be given. A boolean ``mask`` of the input's shape without its
+    channel axis restricts the training statistics to its True positions (batchnorm.masked).
 
     Under torch.fx symbolic tracing, one call_function node.
     """
     if type(input) is not torch.Tensor and isinstance(input, torch.fx.Proxy):
         args = (input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-        return input.tracer.create_proxy(
-            "call_function", batch_norm, args, {"num_batches_tracked": num_batches_tracked}
-        )
-    return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked)
+        kwargs = {"num_batches_tracked": num_batches_tracked, "mask": mask}
+        return input.tracer.create_proxy("call_function", batch_norm, args, kwargs)
+    return normalize(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, axis, num_batches_tracked, mask=mask
+    )
 
 
-def batch_statistics(input: Tensor, axis: int = 1) -> tuple[Tensor, Tensor]:
+def batch_statistics(input: Tensor, axis: int = 1, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(mean, biased var) per channel of ``input`` (channels on ``axis``), accumulated in float64
     (float32 on MPS) and returned so: the statistics every variant shares with the plain layer,
-    for the variants that need them before normalizing (batch renorm). No gradient."""
+    for the variants that need them before normalizing (batch renorm). No gradient. With a
+    ``mask`` (batchnorm.masked), over its True positions only."""
     axis = check_input(input, axis)
+    if mask is not None:
+        mask = masked.check_mask(mask, input, axis)
     with torch.no_grad():
-        return reference.batch_stats(input.detach(), axis)
+        return reference.batch_stats(input.detach(), axis, mask)
 
 
 def update_running_stats(
@@ -285,8 +291,10 @@ def normalize(
     layer=None,
     epilogue=None,
     correction: int = 1,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """batch_norm with every argument given: the checks, then route.normalize.
+    """batch_norm with every argument given: the checks, then route.normalize (masked.normalize
+    for a training call with a ``mask``).
 
     The modules call this with ``layer`` (themselves): the input's channels must then be
     their ``num_features``, and an error names the layer. A fused layer passes its
@@ -306,12 +314,22 @@ def normalize(
     check_channel_tensors(input, channels, running_mean, running_var, weight, bias)
     if epilogue is not None:
         epilogues.check(epilogue, input)
-    if not training:
+    if mask is not None:
+        mask = masked.check_mask(mask, input, axis)
+    if not training:  # a mask changes nothing: the running statistics normalize every position
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode (training=False)")
         running = (running_mean, running_var, None, 0, 0.0, 1)
         return route.normalize(input, weight, bias, eps, axis, False, running, epilogue)
     count = input.numel() // channels if channels else 0
+    if mask is not None:
+        running = None
+        if running_mean is not None:
+            if momentum is None and num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor = -1.0 if momentum is None else float(momentum)
+            running = (running_mean, running_var, num_batches_tracked, count, factor, correction)
+        return masked.normalize(input, mask, weight, bias, eps, axis, running, epilogue)
     if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}; "

@@ -140,10 +140,13 @@ class _BatchNorm(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         """The rank check of torch's layer of the same name (any rank of 2 or more here, as torch's functional form)."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return self._normalize(input, None, (input,))
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask`` (Keras 3's and Flax's): a boolean tensor of the input's shape without its
+        channel axis, True where a position counts in the training statistics (batchnorm.masked:
+        every position is normalized with them; evaluation ignores the mask)."""
+        return self._normalize(input, None, (input,) if mask is None else (input, mask), mask)
 
-    def _normalize(self, input: Tensor, epilogue, arguments: tuple) -> Tensor:
+    def _normalize(self, input: Tensor, epilogue, arguments: tuple, mask: Tensor | None = None) -> Tensor:
         """The layer's call of functional.normalize (a fused layer passes its ``epilogue``);
         ``arguments`` are forward's, for a torch.fx trace."""
         if type(input) is not Tensor and isinstance(input, torch.fx.Proxy):
@@ -169,14 +172,15 @@ class _BatchNorm(nn.Module):
         if accumulator is not None and training and running_mean is not None:
             y = F.normalize(
                 input, None, None, parameters["weight"], parameters["bias"], True, self.momentum, self.eps,
-                self.axis, None, self, epilogue,
+                self.axis, None, self, epilogue, mask=mask,
             )  # fmt: skip
-            accumulator.observe(self, input)
+            accumulator.observe(self, input, mask)
             return y
         num_batches_tracked = buffers["num_batches_tracked"] if running_mean is not None and training else None
         return F.normalize(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
             self.momentum, self.eps, self.axis, num_batches_tracked, self, epilogue, self.running_var_correction,
+            mask,
         )  # fmt: skip
 
     def __prepare_scriptable__(self):

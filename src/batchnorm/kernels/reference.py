@@ -33,9 +33,20 @@ def accumulate_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
-def batch_stats(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """mu = mean(x) and the biased var = mean((x - mu)^2) per channel, accumulated exactly."""
-    var, mean = torch.var_mean(x.to(accumulate_dtype(x)), dim=reduce_dims(x, axis), correction=0)
+def batch_stats(x: Tensor, axis: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """mu = mean(x) and the biased var = mean((x - mu)^2) per channel, accumulated exactly.
+
+    With a boolean ``mask`` of x's shape without the channel axis, over the True positions
+    only: mu = sum(w x) / sum(w), var = sum(w (x - mu)^2) / sum(w), w = mask."""
+    wide = x.to(accumulate_dtype(x))
+    dims = reduce_dims(x, axis)
+    if mask is None:
+        var, mean = torch.var_mean(wide, dim=dims, correction=0)
+        return mean, var
+    w = mask.unsqueeze(axis).to(wide.dtype)
+    count = w.sum()  # the same for every channel
+    mean = (wide * w).sum(dims) / count
+    var = (w * (wide - mean.view(channel_shape(x, axis))).square()).sum(dims) / count
     return mean, var
 
 
