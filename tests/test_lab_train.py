@@ -36,8 +36,8 @@ def test_mlp_layout_and_init():
     assert abs(weights.std().item() - models.INIT_STD) < 0.002 and abs(weights.mean().item()) < 0.002
     with pytest.raises(ValueError, match="placement must be 'before' or 'after', got placement='middle'"):
         models.mlp(4, placement="middle")
-    with pytest.raises(ValueError, match=r"norm must be one of \('bn', 'torch', 'renorm', 'none'\), got norm='ln'"):
-        models.mlp(4, norm="ln")
+    with pytest.raises(ValueError, match=r"norm must be one of \('bn', 'torch', .*, 'none'\), got norm='wn'"):
+        models.mlp(4, norm="wn")
 
 
 @pytest.mark.parametrize("shape", [(40,), (2, 40), (1, 8, 8)])
@@ -128,3 +128,34 @@ def test_renorm_models_scale_the_papers_schedule_to_the_run():
     assert (layers[0].warmup_steps, layers[0].dmax_steps, layers[0].rmax_steps) == (100, 500, 800)
     with pytest.raises(ValueError, match=re.escape("norm='renorm' needs a bn_momentum in [0, 1]")):
         models.mlp(20, norm="renorm", bn_momentum=None)
+
+
+@pytest.mark.parametrize(
+    "norm, mlp_layer, cnn_layer",
+    [
+        ("bn-l1", "LpBatchNorm1d", "LpBatchNorm2d"),
+        ("bn-linf", "LpBatchNorm1d", "LpBatchNorm2d"),
+        ("ln", "LayerNorm", "GroupNorm"),
+        ("gn", "GroupNorm", "GroupNorm"),
+        ("in", None, "InstanceNorm2d"),
+    ],
+)
+def test_the_other_normalizations_build_and_train(norm, mlp_layer, cnn_layer, tiny):
+    image = models.cnn((1, 8, 8), norm=norm, channels=(12, 16))
+    found = [m for m in image.modules() if type(m).__name__ == cnn_layer]
+    assert len(found) == 2
+    if norm == "gn":
+        assert [m.num_groups for m in found] == [4, 8]  # gcd(channels, 8)
+    if norm == "ln":
+        assert [m.num_groups for m in found] == [1, 1]  # over channels and positions
+    if mlp_layer is None:
+        with pytest.raises(ValueError, match="norm='in' .* needs positions"):
+            models.mlp(40, norm=norm)
+        return
+    model = models.mlp(40, norm=norm)
+    assert sum(type(m).__name__ == mlp_layer for m in model) == 3
+    y = model(torch.randn(16, 40))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    if norm.startswith("bn-"):
+        assert {m.p for m in model if type(m).__name__ == mlp_layer} == {1 if norm == "bn-l1" else float("inf")}

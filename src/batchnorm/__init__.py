@@ -18,6 +18,8 @@ from .layers import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from .lp import LpBatchNorm, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
+from .normalizations import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .stats import ExactEstimator, PaperEstimator, population_statistics
 
@@ -42,9 +44,18 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "LpBatchNorm",
+    "LpBatchNorm1d",
+    "LpBatchNorm2d",
+    "LpBatchNorm3d",
     "PaperEstimator",
     "accumulate",
     "convert",

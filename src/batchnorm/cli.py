@@ -158,13 +158,14 @@ def _optional_float(text: str) -> float | None:
 _CHOICES = {
     "model": ("mlp", "cnn"),
     "activation": ("sigmoid", "relu", "tanh"),
-    "norm": ("bn", "torch", "renorm", "none"),
+    "norm": ("bn", "torch", "renorm", "bn-l1", "bn-linf", "ln", "gn", "in", "none"),
     "placement": ("before", "after"),
     "optimizer": ("sgd", "adam", "rmsprop"),
 }
 _HELP = {
     "data": "mnist1d (default, generated), digits, mnist:DIR (IDX files), csv:PATH[:LABEL], npz:PATH",
-    "norm": "bn: this project's layers, torch: torch.nn's, renorm: batch renormalization, none",
+    "norm": "bn: this project's layers, torch: torch.nn's, renorm: batch renormalization, bn-l1/bn-linf: lp batch "
+    "norm, ln: LayerNorm, gn: GroupNorm, in: InstanceNorm (cnn), none",
     "placement": "batch norm before or after the activation (MLP)",
     "bn_momentum": "weight of the new batch in the running averages; none: cumulative average",
     "checkpoint_every": "write OUT/checkpoint.pt every this many steps (a multiple of --eval-every; 0: never)",

@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from . import epilogue as epilogues
-from . import masked, ops, route
+from . import ops, route, torch_stats
 from .kernels import reference
 
 Tensor = torch.Tensor
@@ -201,7 +201,7 @@ def batch_norm(
     With ``training=True`` the batch statistics normalize, and the running buffers,
     when given, are updated in place. With ``training=False`` the running buffers
     normalize; they must be given. A boolean ``mask`` of the input's shape without its
-    channel axis restricts the training statistics to its True positions (batchnorm.masked).
+    channel axis restricts the training statistics to its True positions (batchnorm.torch_stats).
 
     Under torch.fx symbolic tracing, one call_function node.
     """
@@ -218,10 +218,10 @@ def batch_statistics(input: Tensor, axis: int = 1, mask: Tensor | None = None) -
     """(mean, biased var) per channel of ``input`` (channels on ``axis``), accumulated in float64
     (float32 on MPS) and returned so: the statistics every variant shares with the plain layer,
     for the variants that need them before normalizing (batch renorm). No gradient. With a
-    ``mask`` (batchnorm.masked), over its True positions only."""
+    ``mask`` (batchnorm.torch_stats), over its True positions only."""
     axis = check_input(input, axis)
     if mask is not None:
-        mask = masked.check_mask(mask, input, axis)
+        mask = torch_stats.check_mask(mask, input, axis)
     with torch.no_grad():
         return reference.batch_stats(input.detach(), axis, mask)
 
@@ -292,9 +292,10 @@ def normalize(
     epilogue=None,
     correction: int = 1,
     mask: Tensor | None = None,
+    p: float = 2,
 ) -> Tensor:
-    """batch_norm with every argument given: the checks, then route.normalize (masked.normalize
-    for a training call with a ``mask``).
+    """batch_norm with every argument given: the checks, then route.normalize (torch_stats.normalize
+    for a training call with a ``mask`` or an lp spread, ``p`` 1 or inf).
 
     The modules call this with ``layer`` (themselves): the input's channels must then be
     their ``num_features``, and an error names the layer. A fused layer passes its
@@ -315,22 +316,14 @@ def normalize(
     if epilogue is not None:
         epilogues.check(epilogue, input)
     if mask is not None:
-        mask = masked.check_mask(mask, input, axis)
+        mask = torch_stats.check_mask(mask, input, axis)
     if not training:  # a mask changes nothing: the running statistics normalize every position
         if running_mean is None:
             raise RuntimeError("running_mean must be defined in evaluation mode (training=False)")
         running = (running_mean, running_var, None, 0, 0.0, 1)
         return route.normalize(input, weight, bias, eps, axis, False, running, epilogue)
     count = input.numel() // channels if channels else 0
-    if mask is not None:
-        running = None
-        if running_mean is not None:
-            if momentum is None and num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor = -1.0 if momentum is None else float(momentum)
-            running = (running_mean, running_var, num_batches_tracked, count, factor, correction)
-        return masked.normalize(input, mask, weight, bias, eps, axis, running, epilogue)
-    if count == 1:
+    if count == 1 and mask is None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}; "
             "use eval mode (model.eval()), a batch with more than one value per channel, "
@@ -343,4 +336,6 @@ def normalize(
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = -1.0 if momentum is None else float(momentum)
         running = (running_mean, running_var, num_batches_tracked, count, factor, correction)
+    if (mask is not None or p != 2) and count > 0:  # statistics the kernels do not compute
+        return torch_stats.normalize(input, mask, weight, bias, eps, axis, running, epilogue, p)
     return route.normalize(input, weight, bias, eps, axis, True, running, epilogue)

@@ -74,6 +74,7 @@ class _BatchNorm(nn.Module):
     axis: int = 1
     single_value: str = "raise"  # a training batch of one value per channel: "raise" or "use_running"
     running_var_correction: int = 1  # the running variance's Bessel correction: 1 unbiased, 0 biased
+    p: float = 2  # the training spread: 2 the variance; 1 and inf for lp batch norm (lp.py)
 
     def __init__(
         self,
@@ -172,7 +173,7 @@ class _BatchNorm(nn.Module):
         if accumulator is not None and training and running_mean is not None:
             y = F.normalize(
                 input, None, None, parameters["weight"], parameters["bias"], True, self.momentum, self.eps,
-                self.axis, None, self, epilogue, mask=mask,
+                self.axis, None, self, epilogue, mask=mask, p=self.p,
             )  # fmt: skip
             accumulator.observe(self, input, mask)
             return y
@@ -180,7 +181,7 @@ class _BatchNorm(nn.Module):
         return F.normalize(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
             self.momentum, self.eps, self.axis, num_batches_tracked, self, epilogue, self.running_var_correction,
-            mask,
+            mask, self.p,
         )  # fmt: skip
 
     def __prepare_scriptable__(self):

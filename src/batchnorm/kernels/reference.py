@@ -8,6 +8,8 @@ Every function here is differentiable, which is what double backward uses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 Tensor = torch.Tensor
@@ -33,21 +35,45 @@ def accumulate_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
-def batch_stats(x: Tensor, axis: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """mu = mean(x) and the biased var = mean((x - mu)^2) per channel, accumulated exactly.
+def moments(x: Tensor, dims: tuple[int, ...], where: Tensor | None = None, p: float = 2, keepdim: bool = False):
+    """(mu, s^2) of ``x`` over ``dims``, accumulated in float64 (float32 on MPS): the statistics
+    every normalization here shares, the reduction axes its parameter (flax's _compute_stats)::
 
-    With a boolean ``mask`` of x's shape without the channel axis, over the True positions
-    only: mu = sum(w x) / sum(w), var = sum(w (x - mu)^2) / sum(w), w = mask."""
+        mu  = mean(x)
+        s^2 = mean((x - mu)^2)     p = 2: the biased variance
+        s^2 = mean(|x - mu|)^2     p = 1: the mean absolute deviation, squared
+        s^2 = max(|x - mu|)^2      p = inf: the largest deviation, squared
+
+    so that every one of them normalizes with (x - mu) / sqrt(s^2 + eps). With ``where`` (a
+    boolean tensor broadcasting against x), over its True positions only. Differentiable.
+    """
     wide = x.to(accumulate_dtype(x))
-    dims = reduce_dims(x, axis)
-    if mask is None:
-        var, mean = torch.var_mean(wide, dim=dims, correction=0)
+    if where is None and p == 2:
+        var, mean = torch.var_mean(wide, dim=dims, correction=0, keepdim=keepdim)
         return mean, var
-    w = mask.unsqueeze(axis).to(wide.dtype)
-    count = w.sum()  # the same for every channel
-    mean = (wide * w).sum(dims) / count
-    var = (w * (wide - mean.view(channel_shape(x, axis))).square()).sum(dims) / count
-    return mean, var
+    w = torch.ones((), dtype=wide.dtype, device=x.device) if where is None else where.to(wide.dtype)
+    count = torch.broadcast_to(w, wide.shape).sum(dims, keepdim=True)
+    mean = (wide * w).sum(dims, keepdim=True) / count
+    deviation = wide - mean
+    if p == 2:
+        spread = (w * deviation.square()).sum(dims, keepdim=True) / count
+    elif p == 1:
+        spread = ((w * deviation.abs()).sum(dims, keepdim=True) / count).square()
+    elif p == math.inf:
+        absolute = deviation.abs() if where is None else torch.where(where, deviation.abs(), 0.0)
+        spread = absolute.amax(dims, keepdim=True).square()
+    else:
+        raise ValueError(f"p must be 1, 2 or math.inf, got p={p!r}")
+    if keepdim:
+        return mean, spread
+    return mean.squeeze(dims), spread.squeeze(dims)
+
+
+def batch_stats(x: Tensor, axis: int, mask: Tensor | None = None, p: float = 2) -> tuple[Tensor, Tensor]:
+    """mu = mean(x) and the biased var = mean((x - mu)^2) per channel (moments over every axis
+    but ``axis``; ``p`` as there). With a boolean ``mask`` of x's shape without the channel
+    axis, over the True positions only: mu = sum(w x) / sum(w), var = sum(w (x - mu)^2) / sum(w)."""
+    return moments(x, reduce_dims(x, axis), None if mask is None else mask.unsqueeze(axis), p)
 
 
 def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> Tensor:

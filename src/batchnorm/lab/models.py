@@ -3,7 +3,11 @@
 ``norm`` picks the normalization: "bn" (this project's layers), "torch" (torch.nn's,
 for comparison), "renorm" (batch renormalization, Ioffe 2017: rmax 3 and dmax 5 reached
 over the run, on the paper's schedule scaled to ``steps``: plain BN for the first tenth,
-dmax at half the run, rmax at four fifths) or "none". In the MLP, "before" puts batch norm between the linear
+dmax at half the run, rmax at four fifths), "bn-l1" and "bn-linf" (lp batch norm, Santurkar
+et al. 2018), "ln" (LayerNorm over each example's features; in the CNN over its channels and
+positions, GroupNorm with one group as Wu & He compare it), "gn" (GroupNorm with
+gcd(channels, 8) groups), "in" (InstanceNorm, the CNN only: it needs positions) or "none".
+In the MLP, "before" puts batch norm between the linear
 map and the activation, as the paper does (x -> BN(Wx) -> f); "after" puts it after
 the activation (x -> f(Wx + b) -> BN).
 
@@ -19,12 +23,14 @@ import math
 from torch import nn
 
 from .. import layers
+from ..lp import LpBatchNorm1d, LpBatchNorm2d
+from ..normalizations import GroupNorm, InstanceNorm1d, InstanceNorm2d, LayerNorm
 from ..renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = ["ACTIVATIONS", "NORMS", "Probe", "cnn", "mlp", "paper_init"]
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
-NORMS = ("bn", "torch", "renorm", "none")
+NORMS = ("bn", "torch", "renorm", "bn-l1", "bn-linf", "ln", "gn", "in", "none")
 INIT_STD = 0.1  # the paper: "small random Gaussian values"; it gives no number
 
 
@@ -32,9 +38,23 @@ class Probe(nn.Identity):
     """Marks the input of an activation; register a forward hook on it to record it."""
 
 
-def _norm(kind: str, features: int, rank: int, momentum: float | None, steps: int = 50_000) -> nn.Module:
+def _norm(
+    kind: str, features: int, rank: int, momentum: float | None, steps: int = 50_000, spatial: bool = True
+) -> nn.Module:
+    """The normalization layer of ``kind`` for ``features`` channels of rank-``rank`` data (1:
+    (N, C) or (N, C, L); 2: (N, C, H, W)); ``spatial`` False for the MLP's (N, C)."""
     if kind not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got norm={kind!r}")
+    if kind == "ln":
+        return LayerNorm(features) if not spatial else GroupNorm(1, features)
+    if kind == "gn":
+        return GroupNorm(math.gcd(features, 8), features)
+    if kind == "in":
+        if not spatial:
+            raise ValueError("norm='in' (instance norm) needs positions to normalize over: use model='cnn'")
+        return (InstanceNorm1d if rank == 1 else InstanceNorm2d)(features, affine=True)
+    if kind in ("bn-l1", "bn-linf"):
+        return (LpBatchNorm1d if rank == 1 else LpBatchNorm2d)(features, norm=kind[3:], momentum=momentum)
     if kind == "renorm":
         if momentum is None:
             raise ValueError("norm='renorm' needs a bn_momentum in [0, 1] (its running standard deviation), got None")
@@ -78,10 +98,10 @@ def mlp(
         # before the activation, BN's beta replaces the linear bias
         blocks.append(nn.Linear(features, width, bias=not (with_norm and placement == "before")))
         if with_norm and placement == "before":
-            blocks.append(_norm(norm, width, 1, bn_momentum, steps))
+            blocks.append(_norm(norm, width, 1, bn_momentum, steps, spatial=False))
         blocks += [Probe(), _activation(activation)]
         if with_norm and placement == "after":
-            blocks.append(_norm(norm, width, 1, bn_momentum, steps))
+            blocks.append(_norm(norm, width, 1, bn_momentum, steps, spatial=False))
         if dropout:
             blocks.append(nn.Dropout(dropout))
         features = width
