@@ -187,3 +187,34 @@ def test_the_renorm_claim_follows_its_rule(bn_small, renorm_small, verdict):
     claim = experiments._renorm_claim(per_size, (2, 64), 64)
     assert claim.verdict == verdict
     assert f"batch renorm {renorm_small:.3f}" in claim.measured and claim.rule.startswith("holds if")
+
+
+@pytest.mark.parametrize(
+    "noniid, renormed, verdict",
+    [(0.60, 0.75, experiments.HOLDS), (0.60, 0.59, experiments.FAILS), (0.60, 0.65, experiments.UNSURE),
+     (0.79, 0.70, experiments.UNSURE)],
+)  # fmt: skip
+def test_the_noniid_claim_follows_its_rule(noniid, renormed, verdict):
+    """Batch norm at 0.80 with i.i.d. batches; what renorm wins back with non-i.i.d. ones decides."""
+    claim = experiments._noniid_claim([0.8, 0.8], [noniid] * 2, [renormed] * 2)
+    assert claim.verdict == verdict
+    assert f"batch renorm with them {renormed:.3f}" in claim.measured and claim.rule.startswith("holds if")
+
+
+def test_noniid_batches_hold_few_labels():
+    from batchnorm.lab import train
+
+    labels = torch.arange(200) % 10
+    config = train.Config(batch_size=experiments.NONIID_BATCH, same_label=experiments.NONIID_BATCH // 4)
+    seen = set()
+    for step in range(12):  # past the first epoch (5 batches of 32 from 20 groups of 8)
+        index = train.batch_indices(config, step, 200, labels)
+        assert len(index) == 32 and len(set(labels[index].tolist())) <= experiments.NONIID_LABELS
+        groups = labels[index].view(-1, 8)
+        assert (groups == groups[:, :1]).all()  # 8 examples of one label, together
+        seen.update(index.tolist())
+    assert len(seen) > 150
+    iid = train.Config(batch_size=32)
+    assert torch.equal(train.batch_indices(iid, 3, 200, labels), train.batch_indices(iid, 3, 200))
+    with pytest.raises(ValueError, match="batch_size must be a multiple of same_label=3, got batch_size=32"):
+        train.Config(batch_size=32, same_label=3)

@@ -549,6 +549,28 @@ def _renorm_claim(per_size: dict, sizes, reference: int) -> Claim:
     )
 
 
+# Ioffe 2017, section 4.3: batch norm with non-i.i.d. batches (there 32 examples of 16 labels,
+# 2 each, on ImageNet's 1000 labels). MNIST-1D has 10 labels, so that a batch of 32 drawn at
+# random already holds about 3 of each; here a batch holds NONIID_LABELS labels, 8 examples each.
+NONIID_BATCH, NONIID_LABELS = 32, 4
+
+
+def _noniid_claim(iid: list[float], noniid: list[float], renormed: list[float]) -> Claim:
+    """Batch renorm with non-i.i.d. batches against batch norm with them and with i.i.d. ones."""
+    bn_iid, bn_noniid, renorm_noniid = _mean(iid), _mean(noniid), _mean(renormed)
+    lost, recovered = bn_iid - bn_noniid, renorm_noniid - bn_noniid
+    per_label = NONIID_BATCH // NONIID_LABELS
+    return Claim(
+        "With non-i.i.d. batches batch norm loses accuracy and batch renorm recovers most of it (Ioffe 2017).",
+        f"test accuracy at batch {NONIID_BATCH}: batch norm {bn_iid:.3f} with i.i.d. batches, {bn_noniid:.3f} with "
+        f"batches of {NONIID_LABELS} labels ({per_label} examples each; lost {lost:+.3f}); batch renorm with them "
+        f"{renorm_noniid:.3f} (recovered {recovered:+.3f})",
+        _verdict(lost > 0.02 and recovered >= 0.5 * lost, lost > 0.02 and recovered <= 0.0),
+        "holds if batch norm loses more than 0.02 with the non-i.i.d. batches and renorm wins back at least half of "
+        "it; does not hold if it loses more than 0.02 and renorm wins none back; inconclusive otherwise",
+    )
+
+
 def batch_size(lab: Lab) -> Result:
     """The same number of examples seen and the same learning rate at every batch size,
     with and without batch norm: batch norm's effect is the difference between the two; and
@@ -566,7 +588,11 @@ def batch_size(lab: Lab) -> Result:
         steps = max(lab.scale.batch_examples // size, 1)
         return dict(batch_size=size, steps=steps, eval_every=max(steps // 5, 1))
 
-    lab.prefetch(*({"norm": norm, **common(size)} for size in sizes for norm in ("bn", "none", "renorm")))
+    noniid = {"batch_size": NONIID_BATCH, "same_label": NONIID_BATCH // NONIID_LABELS}
+    lab.prefetch(
+        *({"norm": norm, **common(size)} for size in sizes for norm in ("bn", "none", "renorm")),
+        {"norm": "bn", "batch_size": NONIID_BATCH}, {"norm": "bn", **noniid}, {"norm": "renorm", **noniid},
+    )  # fmt: skip
     for size in sizes:
         steps = common(size)["steps"]
         with_bn, without = lab.runs(norm="bn", **common(size)), lab.runs(norm="none", **common(size))
@@ -605,6 +631,12 @@ def batch_size(lab: Lab) -> Result:
         ),
         _renorm_claim(per_size, sizes, reference),
     ]
+    iid_runs = lab.runs(norm="bn", batch_size=NONIID_BATCH)
+    noniid_runs, renorm_runs = lab.runs(norm="bn", **noniid), lab.runs(norm="renorm", **noniid)
+    claims.append(_noniid_claim(_final(iid_runs), _final(noniid_runs), _final(renorm_runs)))
+    metrics[f"batch {NONIID_BATCH}, i.i.d., with batch norm"] = [r.metrics for r in iid_runs]
+    metrics[f"batch {NONIID_BATCH}, {NONIID_LABELS} labels, with batch norm"] = [r.metrics for r in noniid_runs]
+    metrics[f"batch {NONIID_BATCH}, {NONIID_LABELS} labels, with batch renorm"] = [r.metrics for r in renorm_runs]
     figures = {
         f"Test accuracy against batch size: {lab.scale.batch_examples} examples seen, learning rate {BASE_LR:g}": (
             plots.versus(list(sizes), lines, "batch size", "test accuracy", "Batch size")

@@ -1,7 +1,9 @@
 """Training one configuration: deterministic, evaluated every k steps, resumable.
 
 Batches: epoch e is a permutation of the training set drawn from a generator seeded
-with (seed, e), so a run needs no sampler state to resume; dropout draws from
+with (seed, e), so a run needs no sampler state to resume; with ``same_label`` k > 1 it is a
+permutation of groups of k examples of one label each, so that every batch holds
+batch_size / k such groups (Ioffe 2017's non-i.i.d. batches: 16 labels, 2 examples each); dropout draws from
 torch's global generator, whose state goes into every checkpoint.
 
 Every ``eval_every`` steps, in eval mode: test loss and accuracy on the whole test
@@ -58,9 +60,10 @@ class Config:
     seed: int = 0
     bn_momentum: float | None = 0.1
     train_eval_size: int = 1000
+    same_label: int = 1  # examples of one label drawn together (1: i.i.d. batches)
 
     def __post_init__(self) -> None:
-        positive = ("depth", "width", "batch_size", "steps", "eval_every", "train_eval_size")
+        positive = ("depth", "width", "batch_size", "steps", "eval_every", "train_eval_size", "same_label")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -81,6 +84,10 @@ class Config:
             raise ValueError(f"bn_momentum must be in [0, 1] or None, got bn_momentum={self.bn_momentum!r}")
         if self.batch_size < 2 and self.norm != "none":
             raise ValueError(f"batch norm needs batch_size >= 2 in training, got batch_size={self.batch_size}")
+        if self.batch_size % self.same_label:
+            raise ValueError(
+                f"batch_size must be a multiple of same_label={self.same_label}, got batch_size={self.batch_size}"
+            )
         if self.checkpoint_every < 0 or self.checkpoint_every % self.eval_every:
             raise ValueError(
                 f"checkpoint_every must be 0 or a multiple of eval_every={self.eval_every}, "
@@ -137,17 +144,35 @@ def _optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(model.parameters(), lr=config.lr)
 
 
-def _epoch_order(config: Config, epoch: int, n: int) -> torch.Tensor:
+def _usable(config: Config, labels: torch.Tensor) -> torch.Tensor:
+    """How many examples of each label make whole groups of ``same_label``."""
+    return torch.bincount(labels) // config.same_label * config.same_label
+
+
+def _epoch_order(config: Config, epoch: int, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator)
+    k = config.same_label
+    if k == 1 or labels is None:
+        return order
+    # each label's examples in that random order, cut into groups of k (a label's last
+    # incomplete group dropped), then the groups in a random order
+    by_label = order[torch.sort(labels[order], stable=True).indices]
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[labels[by_label]]
+    groups = by_label[rank < _usable(config, labels)[labels[by_label]]].view(-1, k)
+    return groups[torch.randperm(len(groups), generator=generator)].flatten()
 
 
-def batch_indices(config: Config, step: int, n: int) -> torch.Tensor:
-    """The training examples of ``step`` (0-based); each epoch drops its last incomplete batch."""
-    per_epoch = max(n // config.batch_size, 1)
+def batch_indices(config: Config, step: int, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The training examples of ``step`` (0-based); each epoch drops its last incomplete batch.
+    With ``config.same_label`` > 1 the ``labels`` of the n examples make the groups."""
+    usable = n if config.same_label == 1 or labels is None else int(_usable(config, labels).sum())
+    per_epoch = max(usable // config.batch_size, 1)
     epoch, position = divmod(step, per_epoch)
     start = position * config.batch_size
-    return _epoch_order(config, epoch, n)[start : start + config.batch_size]
+    return _epoch_order(config, epoch, n, labels)[start : start + config.batch_size]
 
 
 @torch.no_grad()
@@ -274,7 +299,7 @@ def train(
     bar = tqdm(total=config.steps, initial=step, disable=not show, desc=f"{config.norm} {config.activation}")
     model.train()
     while step < config.steps:
-        index = batch_indices(config, step, n)
+        index = batch_indices(config, step, n, dataset.y_train)
         logits = model(dataset.x_train[index])
         loss = nn.functional.cross_entropy(logits, dataset.y_train[index])
         optimizer.zero_grad(set_to_none=True)
