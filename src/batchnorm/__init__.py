@@ -22,6 +22,7 @@ from .lp import LpBatchNorm, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 from .normalizations import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .stats import ExactEstimator, PaperEstimator, population_statistics
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "LpBatchNorm2d",
     "LpBatchNorm3d",
     "PaperEstimator",
+    "SyncBatchNorm",
     "accumulate",
     "convert",
     "fold",

@@ -33,7 +33,7 @@ import numbers
 import torch
 
 from . import epilogue as epilogues
-from . import ops, route, torch_stats
+from . import ops, route, synced, torch_stats
 from .kernels import reference
 
 Tensor = torch.Tensor
@@ -293,9 +293,12 @@ def normalize(
     correction: int = 1,
     mask: Tensor | None = None,
     p: float = 2,
+    process_group=False,
 ) -> Tensor:
     """batch_norm with every argument given: the checks, then route.normalize (torch_stats.normalize
-    for a training call with a ``mask`` or an lp spread, ``p`` 1 or inf).
+    for a training call with a ``mask`` or an lp spread, ``p`` 1 or inf; synced.normalize for one
+    over a torch.distributed ``process_group`` of more than one process: None is the default
+    group, False none).
 
     The modules call this with ``layer`` (themselves): the input's channels must then be
     their ``num_features``, and an error names the layer. A fused layer passes its
@@ -323,7 +326,8 @@ def normalize(
         running = (running_mean, running_var, None, 0, 0.0, 1)
         return route.normalize(input, weight, bias, eps, axis, False, running, epilogue)
     count = input.numel() // channels if channels else 0
-    if count == 1 and mask is None:
+    synchronized = process_group is not False and synced.world(process_group) > 1
+    if count == 1 and mask is None and not synchronized:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}; "
             "use eval mode (model.eval()), a batch with more than one value per channel, "
@@ -336,6 +340,10 @@ def normalize(
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         factor = -1.0 if momentum is None else float(momentum)
         running = (running_mean, running_var, num_batches_tracked, count, factor, correction)
+    if synchronized:  # every rank takes part, whatever its batch (the statistics are the group's)
+        if mask is not None or p != 2 or epilogue is not None:
+            raise ValueError("a synchronized batch norm takes no mask, lp spread or fused epilogue yet")
+        return synced.normalize(input, weight, bias, eps, axis, running, process_group)
     if (mask is not None or p != 2) and count > 0:  # statistics the kernels do not compute
         return torch_stats.normalize(input, mask, weight, bias, eps, axis, running, epilogue, p)
     return route.normalize(input, weight, bias, eps, axis, True, running, epilogue)

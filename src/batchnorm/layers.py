@@ -75,6 +75,7 @@ class _BatchNorm(nn.Module):
     single_value: str = "raise"  # a training batch of one value per channel: "raise" or "use_running"
     running_var_correction: int = 1  # the running variance's Bessel correction: 1 unbiased, 0 biased
     p: float = 2  # the training spread: 2 the variance; 1 and inf for lp batch norm (lp.py)
+    _sync_group = False  # SyncBatchNorm's process group (None: the default group); False: no synchronization
 
     def __init__(
         self,
@@ -181,7 +182,7 @@ class _BatchNorm(nn.Module):
         return F.normalize(
             input, running_mean, running_var, parameters["weight"], parameters["bias"], use_batch_stats,
             self.momentum, self.eps, self.axis, num_batches_tracked, self, epilogue, self.running_var_correction,
-            mask, self.p,
+            mask, self.p, self._sync_group,
         )  # fmt: skip
 
     def __prepare_scriptable__(self):

@@ -1,0 +1,63 @@
+"""SyncBatchNorm over 2 and 3 gloo processes on 127.0.0.1 (tests/sync_workers.py), each run
+with a deadline so that a hang fails the test; and its one-process behaviour."""
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import batchnorm
+import sync_workers
+
+DEADLINE = 120  # seconds for a spawned group to finish
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int, checks: list[tuple[str, tuple]]) -> None:
+    context = mp.start_processes(
+        sync_workers.entry, args=(world, _free_port(), checks), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + DEADLINE
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{[c for c, _ in checks]} on {world} processes did not finish in {DEADLINE} s (a hang)")
+
+
+def test_two_processes():
+    """Uneven batches (float64), channels_last float32, bfloat16 data: equal to BatchNorm on the
+    concatenated batch; a NaN on one rank stops every update; one value over the group raises
+    on both ranks."""
+    _run(
+        2,
+        [
+            ("concatenated", ((3, 5), "contiguous_format", "float64")),
+            ("concatenated", ((2, 6), "channels_last", "float32")),
+            ("concatenated", ((4, 4), "contiguous_format", "bfloat16")),
+            ("nonfinite", ()),
+            ("too_few", ()),
+        ],
+    )
+
+
+def test_three_processes_with_an_empty_rank():
+    _run(3, [("concatenated", ((4, 0, 3), "channels_last", "float64"))])
+
+
+def test_outside_a_group_it_is_batch_norm():
+    x = torch.randn(6, 4, 3, 3)
+    sync, plain = batchnorm.SyncBatchNorm(4), batchnorm.BatchNorm2d(4)
+    torch.testing.assert_close(sync(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(sync.running_var, plain.running_var, rtol=0, atol=0)
+    assert set(sync.state_dict()) == set(torch.nn.SyncBatchNorm(4).state_dict())
+    sync.load_state_dict(torch.nn.SyncBatchNorm(4).state_dict())
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        sync(torch.randn(4))
