@@ -107,4 +107,20 @@ def too_few(rank, world):
     assert torch.isfinite(y).all()
 
 
-CHECKS = {"concatenated": concatenated, "nonfinite": nonfinite, "too_few": too_few}
+def converted_model(rank, world):
+    """A conv net through convert_sync_batchnorm: its training forward on each rank's half equals
+    the unconverted net's on the whole batch, and so do the running statistics."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1),
+        batchnorm.BatchNorm2d(4),
+    ).double()  # fmt: skip
+    synced = batchnorm.convert_sync_batchnorm(model)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = synced(x[rank * 3 : rank * 3 + 3])
+    torch.testing.assert_close(y, model(x)[rank * 3 : rank * 3 + 3], rtol=1e-10, atol=1e-10)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(synced.state_dict()[key], value, rtol=1e-10, atol=1e-10, msg=key)
+
+
+CHECKS = {"concatenated": concatenated, "nonfinite": nonfinite, "too_few": too_few, "converted_model": converted_model}

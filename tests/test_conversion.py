@@ -18,7 +18,7 @@ from torch import fx, nn
 
 import batchnorm
 from batchnorm import crossover, launch
-from batchnorm.conversion import _TORCH_BASES, FusedAway, UnsyncedBatchNorm
+from batchnorm.conversion import _TORCH_BASES, FusedAway
 from model_zoo import ZOO, resnet18
 
 FUSED = (batchnorm.BatchNormAct1d, batchnorm.BatchNormAct2d, batchnorm.BatchNormAct3d)
@@ -227,7 +227,7 @@ def test_sync_and_lazy_layers_and_modes(torch_kernel):
     model = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4), nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
     model[3].eval()  # a frozen layer stays frozen: modes are per layer
     converted = batchnorm.convert(model, fuse=False)
-    assert type(converted[1]) is UnsyncedBatchNorm and type(converted[3]) is batchnorm.BatchNorm1d
+    assert type(converted[1]) is batchnorm.SyncBatchNorm and type(converted[3]) is batchnorm.BatchNorm1d
     assert converted.training and converted[1].training and not converted[3].training
     _train_step_agrees(model, converted, torch.randn(5, 3, dtype=torch.float64))
     assert type(batchnorm.revert(converted)[1]) is nn.SyncBatchNorm

@@ -126,7 +126,7 @@ FLOORS = [
     {"bench.py", "model_bench.py"},
     {"lab"},
     {"fold.py"},
-    {"frozen.py", "accumulate.py", "health.py"},
+    {"frozen.py", "accumulate.py", "health.py", "sync_conversion.py"},
     {"stats.py", "networks.py", "conversion.py"},
     {"activated.py", "ghost.py", "renorm.py", "keras.py", "lp.py", "sync.py"},
     {"layers.py"},

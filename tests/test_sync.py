@@ -35,7 +35,8 @@ def _run(world: int, checks: list[tuple[str, tuple]]) -> None:
 def test_two_processes():
     """Uneven batches (float64), channels_last float32, bfloat16 data: equal to BatchNorm on the
     concatenated batch; a NaN on one rank stops every update; one value over the group raises
-    on both ranks."""
+    on both ranks; a model through convert_sync_batchnorm equals the unconverted one on the
+    whole batch."""
     _run(
         2,
         [
@@ -44,6 +45,7 @@ def test_two_processes():
             ("concatenated", ((4, 4), "contiguous_format", "bfloat16")),
             ("nonfinite", ()),
             ("too_few", ()),
+            ("converted_model", ()),
         ],
     )
 

@@ -23,6 +23,7 @@ from .normalizations import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceN
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .stats import ExactEstimator, PaperEstimator, population_statistics
 from .sync import SyncBatchNorm
+from .sync_conversion import convert_sync_batchnorm, revert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "SyncBatchNorm",
     "accumulate",
     "convert",
+    "convert_sync_batchnorm",
     "fold",
     "fold_weights",
     "freeze",
@@ -72,5 +74,6 @@ __all__ = [
     "ops",
     "population_statistics",
     "revert",
+    "revert_sync_batchnorm",
     "unfreeze",
 ]

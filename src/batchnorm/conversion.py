@@ -4,8 +4,8 @@
     revert(model) -> model with torch's BatchNorm1d/2d/3d and unfused activations
 
 ``convert`` swaps every ``torch.nn.BatchNorm1d/2d/3d`` (and ``LazyBatchNorm*``, and
-``SyncBatchNorm`` outside a process group of more than one process) for this project's layer
-of the same kind, with the same parameters, buffers, mode, device and dtype (the same
+``SyncBatchNorm``, which becomes this project's SyncBatchNorm with its process group) for this
+project's layer of the same kind, with the same parameters, buffers, mode, device and dtype (the same
 state_dict). With ``fuse=True`` it then traces the model with torch.fx and, where the graph
 shows a batch norm whose output goes only into an activation, or only into an add (whose
 result may go only into an activation), makes the pair (or the three) one ``BatchNormAct``
@@ -23,7 +23,7 @@ Subclasses of torch's layers are the user's code: they are kept, with a warning 
 them, unless ``subclasses=True`` asks to convert them as their torch base class.
 
 ``revert`` gives torch's modules back: this project's layers become torch's BatchNorm1d/2d/3d
-(and a converted SyncBatchNorm a SyncBatchNorm again; ``BatchNorm`` with its channels on
+(and this project's SyncBatchNorm torch's again; ``BatchNorm`` with its channels on
 another axis has no torch counterpart and is refused), and each fused layer becomes torch's
 batch norm followed by the add and the activation written out in the graph, so that a
 converted model and its checkpoints return to plain PyTorch (the state_dict keys never
@@ -44,13 +44,9 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 from . import layers
 from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .epilogue import INVERTIBLE
+from .sync import SyncBatchNorm
 
 __all__ = ["convert", "revert"]
-
-
-class UnsyncedBatchNorm(layers.BatchNorm):
-    """This project's BatchNorm (channels on axis 1, any rank) in place of a torch.nn.SyncBatchNorm
-    used in one process, where it does not synchronize either; ``revert`` gives the SyncBatchNorm back."""
 
 
 # torch's layer -> this project's (exact types: subclasses are the user's code)
@@ -61,11 +57,12 @@ _OURS = {
     nn.LazyBatchNorm1d: layers.LazyBatchNorm1d,
     nn.LazyBatchNorm2d: layers.LazyBatchNorm2d,
     nn.LazyBatchNorm3d: layers.LazyBatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
 }
 FUSED_LAYERS = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
 _FUSED = {layers.BatchNorm1d: BatchNormAct1d, layers.BatchNorm2d: BatchNormAct2d, layers.BatchNorm3d: BatchNormAct3d}
 _TORCH = {
-    UnsyncedBatchNorm: nn.SyncBatchNorm,
+    SyncBatchNorm: nn.SyncBatchNorm,
     layers.BatchNorm1d: nn.BatchNorm1d,
     layers.BatchNorm2d: nn.BatchNorm2d,
     layers.BatchNorm3d: nn.BatchNorm3d,
@@ -114,6 +111,8 @@ def _moved(source: nn.Module, cls: type, **options) -> nn.Module:
                     UserWarning,
                     stacklevel=4,
                 )
+    if isinstance(target, (nn.SyncBatchNorm, SyncBatchNorm)) and isinstance(source, (nn.SyncBatchNorm, SyncBatchNorm)):
+        target.process_group = source.process_group
     target._parameters = dict(source._parameters)
     target._buffers = dict(source._buffers)
     target.train(source.training)
@@ -133,24 +132,14 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _in_a_process_group() -> bool:
-    distributed = torch.distributed
-    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
-
-
 def _swap_layers(model: nn.Module, subclasses: bool) -> nn.Module:
     """``model`` (a copy already) with torch's layers swapped for this project's, in place."""
-    kept, synced = [], []
+    kept = []
 
     def ours_for(module: nn.Module):
         cls = type(module)
         if cls in _OURS:
             return _OURS[cls]
-        if cls is nn.SyncBatchNorm:
-            if _in_a_process_group():
-                synced.append(module)
-                return None
-            return UnsyncedBatchNorm
         if isinstance(module, _TORCH_BASES) and not isinstance(module, layers._BatchNorm):
             if subclasses:
                 return next(_OURS.get(base, layers.BatchNorm) for base in cls.__mro__ if base in _TORCH_BASES)
@@ -172,13 +161,6 @@ def _swap_layers(model: nn.Module, subclasses: bool) -> nn.Module:
         warnings.warn(
             f"batchnorm.convert kept {len(kept)} subclass(es) of torch's batch norm ({', '.join(sorted(set(kept)))}): "
             "their code is the user's; pass subclasses=True to convert them as their torch base class",
-            UserWarning,
-            stacklevel=3,
-        )
-    if synced:
-        warnings.warn(
-            f"batchnorm.convert kept {len(synced)} torch.nn.SyncBatchNorm layer(s): a process group of more than "
-            "one process is initialized, and this project's layers here do not synchronize",
             UserWarning,
             stacklevel=3,
         )
