@@ -123,4 +123,34 @@ def converted_model(rank, world):
         torch.testing.assert_close(synced.state_dict()[key], value, rtol=1e-10, atol=1e-10, msg=key)
 
 
-CHECKS = {"concatenated": concatenated, "nonfinite": nonfinite, "too_few": too_few, "converted_model": converted_model}
+def population(rank, world):
+    """population_statistics with each rank on its own shard (of unequal lengths) equals one
+    pass over all the shards, for both estimators, on every rank."""
+    for estimator in ("exact", "paper"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(36, 5), torch.nn.BatchNorm1d(5),
+        ).double()  # fmt: skip
+        g = torch.Generator().manual_seed(2)
+        batches = [torch.randn(4 + k, 3, 5, 5, dtype=torch.float64, generator=g) * (k + 1) for k in range(5)]
+        shards = [batches[:2], batches[2:]]  # rank 0 two batches, rank 1 three
+        reference = [layer for layer in model.modules() if hasattr(layer, "running_var")]
+        one = batchnorm.population_statistics(model, batches, estimator=estimator, process_group=False)
+        expected = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in reference]
+        for layer in reference:
+            layer.reset_running_stats()
+        counts = batchnorm.population_statistics(model, shards[rank], estimator=estimator)
+        assert counts == one, (counts, one)
+        for layer, (mean, var) in zip(reference, expected, strict=True):
+            torch.testing.assert_close(layer.running_mean, mean, rtol=1e-12, atol=1e-12, msg=estimator)
+            torch.testing.assert_close(layer.running_var, var, rtol=1e-12, atol=1e-12, msg=estimator)
+
+
+CHECKS = {
+    "concatenated": concatenated,
+    "nonfinite": nonfinite,
+    "too_few": too_few,
+    "converted_model": converted_model,
+    "population": population,
+}

@@ -36,7 +36,7 @@ def test_two_processes():
     """Uneven batches (float64), channels_last float32, bfloat16 data: equal to BatchNorm on the
     concatenated batch; a NaN on one rank stops every update; one value over the group raises
     on both ranks; a model through convert_sync_batchnorm equals the unconverted one on the
-    whole batch."""
+    whole batch; population statistics over two shards equal one pass over both."""
     _run(
         2,
         [
@@ -46,6 +46,7 @@ def test_two_processes():
             ("nonfinite", ()),
             ("too_few", ()),
             ("converted_model", ()),
+            ("population", ()),
         ],
     )
 

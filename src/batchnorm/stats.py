@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import synced
 from .kernels.reference import batch_stats
 from .layers import _BatchNorm
 from .ops import NONFINITE_WARNING
@@ -103,6 +104,7 @@ def population_statistics(
     max_batches: int | None = None,
     progress: bool = False,
     forward: Callable[[nn.Module, object], object] | None = None,
+    process_group=None,
 ) -> dict[str, int]:
     """Replace every batch-norm layer's running statistics by population statistics.
 
@@ -121,6 +123,13 @@ def population_statistics(
 
     ``forward(model, batch)`` runs one batch; by default ``model(batch)``, or
     ``model(batch[0])`` for a tuple or list (inputs, targets).
+    Under an initialized torch.distributed group of more than one process (``process_group``:
+    None the default group, False none), each rank passes its own shard of the data and the
+    estimates are merged over the group at the end (one all_gather a layer, float64, in rank
+    order): every rank ends with the same statistics, those of one pass over all the shards.
+    With SyncBatchNorm layers in the model every rank must pass the same number of batches
+    (their forward synchronizes).
+
     Returns the number of values per channel each layer's estimate holds, by layer name.
     """
     if estimator not in ESTIMATORS:
@@ -183,6 +192,9 @@ def population_statistics(
             RuntimeWarning,
             stacklevel=3,  # past torch.no_grad's wrapper: the caller's line
         )
+    if process_group is not False and synced.world(process_group) > 1:
+        for name, layer in layers:
+            _merge(estimates[name], layer.running_mean, process_group)
     counts = {}
     for name, layer in layers:
         counts[name] = estimates[name].count
@@ -196,6 +208,34 @@ def population_statistics(
         layer.running_mean.copy_(mean)
         layer.running_var.copy_(var)
     return counts
+
+
+def _merge(estimate, like: Tensor, group) -> None:
+    """``estimate`` (PaperEstimator or ExactEstimator) merged in place with every rank's of
+    the group; ``like`` gives the channels and the device."""
+    C = like.shape[0]
+    paper = isinstance(estimate, PaperEstimator)
+    first, second = (estimate.weighted_mean, estimate.weighted_var) if paper else (estimate.mean, estimate.sum_sq)
+    local = torch.zeros(3, C, dtype=torch.float64, device=like.device)
+    local[0] = estimate.count
+    local[1] += first if isinstance(first, Tensor) else torch.tensor(first, dtype=torch.float64)
+    local[2] += second if isinstance(second, Tensor) else torch.tensor(second, dtype=torch.float64)
+    gathered = [torch.empty_like(local) for _ in range(synced.world(group))]
+    torch.distributed.all_gather(gathered, local, group=group)
+    if paper:
+        total = torch.stack(gathered).sum(0)
+        estimate.count, estimate.weighted_mean, estimate.weighted_var = int(total[0, 0]), total[1], total[2]
+        return
+    merged = ExactEstimator()
+    for part in gathered:  # Chan's merge of (n, mean, sum of squared deviations), rank by rank
+        n = int(part[0, 0])
+        if n:
+            total = merged.count + n
+            delta = part[1] - merged.mean
+            merged.sum_sq = merged.sum_sq + part[2] + delta * delta * (merged.count * n / total)
+            merged.mean = merged.mean + delta * (n / total)
+            merged.count = total
+    estimate.count, estimate.mean, estimate.sum_sq = merged.count, merged.mean, merged.sum_sq
 
 
 def _length(batches) -> int | None:
