@@ -64,3 +64,29 @@ def test_outside_a_group_it_is_batch_norm():
     sync.load_state_dict(torch.nn.SyncBatchNorm(4).state_dict())
     with pytest.raises(ValueError, match="expected at least 2D input"):
         sync(torch.randn(4))
+
+
+def test_lab_training_over_two_processes_equals_one(tmp_path):
+    """batchnorm train --nproc 2 (SyncBatchNorm, DistributedDataParallel on gloo) ends with the
+    metrics of one process with the same global batch and seed."""
+    import json
+    import subprocess
+    import sys
+
+    from batchnorm.lab import processes, train
+
+    arguments = ["--steps", "30", "--eval-every", "15", "--batch-size", "30", "--train-eval-size", "200"]
+    out = tmp_path / "two"
+    finished = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "train", *arguments, "--nproc", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=DEADLINE,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    two = json.loads((out / "metrics.json").read_text())["metrics"]
+    one = train.train(train.Config(steps=30, eval_every=15, batch_size=30, train_eval_size=200), progress=False)
+    assert len(two) == len(one.metrics) == 2
+    for a, b in zip(one.metrics, two, strict=True):
+        for key in ("train_loss", "test_loss", "test_accuracy", "train_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    with pytest.raises(ValueError, match="norm='renorm' has none"):
+        processes.train(train.Config(norm="renorm"), 2)

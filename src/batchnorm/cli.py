@@ -191,8 +191,28 @@ def _add_train(commands) -> None:
             choices=_CHOICES.get(spec.name),
             help=f"{_HELP.get(spec.name, '')} (default: {default})".strip(),
         )
+    train.add_argument(
+        "--nproc", type=_positive, default=1,
+        help="processes on this machine, each with its part of every batch (gloo, SyncBatchNorm; default: 1)",
+    )  # fmt: skip
     train.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+
+def _join_torchrun() -> int:
+    """Under torchrun (WORLD_SIZE and RANK in the environment, more than one process): join its
+    gloo group, one torch thread a process; returns this process's rank (0 otherwise)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return dist.get_rank()
 
 
 def _train(args) -> int:
@@ -211,7 +231,15 @@ def _train(args) -> int:
         print(f"batchnorm train: error: {problem}", file=sys.stderr)
         return 2
     try:
-        run = train.train(config, out=out, resume=args.resume, log=None if sys.stderr.isatty() else print)
+        if args.nproc > 1:
+            from .lab import processes
+
+            run = processes.train(config, args.nproc, out=out, resume=args.resume)
+        else:
+            rank = _join_torchrun()
+            run = train.train(config, out=out, resume=args.resume, log=None if sys.stderr.isatty() else print)
+            if rank:
+                return 0  # rank 0 reports
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"batchnorm train: error: {error}", file=sys.stderr)
         return 2

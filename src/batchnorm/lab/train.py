@@ -226,6 +226,24 @@ def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step
 _CHECKPOINT_KEYS = {"config": dict, "step": int, "model": dict, "optimizer": dict, "rng": torch.Tensor, "metrics": list}
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialized torch.distributed group, (0, 1) without one."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return 0, 1
+    return distributed.get_rank(), distributed.get_world_size()
+
+
+def _synchronized(model: nn.Module, config: Config) -> nn.Module:
+    """``model`` with SyncBatchNorm for its batch norm (batchnorm.convert_sync_batchnorm), for
+    training over the process group; norms without a synchronized form are refused."""
+    from ..sync_conversion import convert_sync_batchnorm
+
+    if config.norm in ("renorm", "bn-l1", "bn-linf"):
+        raise ValueError(f"training over several processes needs a synchronized norm: norm={config.norm!r} has none")
+    return convert_sync_batchnorm(model)
+
+
 def _resume(path: str, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load a checkpoint into ``model`` and ``optimizer`` and torch's generator, after checking
     that it is one of this configuration; CheckpointError (the file named) otherwise."""
@@ -280,6 +298,9 @@ def train(
     dataset = dataset if dataset is not None else data_module.load(config.data)
     torch.manual_seed(config.seed)
     model = build_model(config, dataset)
+    rank, world = _process_group()
+    if world > 1:  # every rank built the same model from the seed; batch norm sees the global batch
+        model = _synchronized(model, config)
     optimizer = _optimizer(config, model)
     run = Run(config, model)
     step = 0
@@ -295,15 +316,31 @@ def train(
 
     n = len(dataset.y_train)
     loss_sum, loss_count = 0.0, 0
+    step_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model)
+        if rank != 0:  # rank 0 writes, logs and shows the bar
+            out, checkpoint, log, progress = None, None, None, False
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=config.steps, initial=step, disable=not show, desc=f"{config.norm} {config.activation}")
     model.train()
     while step < config.steps:
         index = batch_indices(config, step, n, dataset.y_train)
-        logits = model(dataset.x_train[index])
-        loss = nn.functional.cross_entropy(logits, dataset.y_train[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if world == 1:
+            logits = model(dataset.x_train[index])
+            loss = nn.functional.cross_entropy(logits, dataset.y_train[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:  # this rank's part of the global batch, and its share of the global mean loss
+            total, index = len(index), index.tensor_split(world)[rank]
+            logits = step_model(dataset.x_train[index])
+            loss = nn.functional.cross_entropy(logits, dataset.y_train[index], reduction="sum") / total
+            optimizer.zero_grad(set_to_none=True)
+            (loss * world).backward()  # DistributedDataParallel averages: world times each share sums them
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
         optimizer.step()
         loss_sum += loss.item()
         loss_count += 1
