@@ -123,7 +123,7 @@ FLOORS = [
     {"__main__.py"},
     {"__init__.py", "cli.py"},
     {"sweep.py"},
-    {"conversion_bench.py"},
+    {"conversion_bench.py", "sync_bench.py"},
     {"bench.py", "model_bench.py"},
     {"lab"},
     {"fold.py"},

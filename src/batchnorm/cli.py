@@ -74,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves its compile time)")
     bench.add_argument("--no-interleaved", action="store_true", help="leave out the conv/BN interleaving measurement")
     bench.add_argument("--no-models", action="store_true", help="leave out the CIFAR ResNet-20 steps")
+    bench.add_argument(
+        "--sync", action="store_true",
+        help="SyncBatchNorm over 2 gloo processes against one process with the global batch, and its collectives",
+    )  # fmt: skip
     bench.add_argument("--out", help="also write the report to this file")
     _add_train(commands)
     _add_lab(commands)
@@ -260,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             text = model_bench.report(model_bench.measure(args.repeat), bench.machine())
             converted = conversion_bench.measure(args.repeat, compiled=not args.no_compile)
             text += "\n\n" + conversion_bench.report(converted)
+        elif args.sync:
+            from . import sync_bench
+
+            text = sync_bench.report(sync_bench.measure(args.repeat))
         elif args.sweep:
             from . import sweep
 
