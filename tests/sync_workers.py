@@ -2,21 +2,19 @@
 SyncBatchNorm against BatchNorm on the concatenated batch, computed in the same process."""
 
 import datetime
-import os
 import traceback
 
 import torch
 import torch.distributed as dist
 
 import batchnorm
+from batchnorm.lab.processes import join_group
 
 
 def entry(rank, world, port, checks):
     """Runs each (name, arguments) of ``checks`` in turn in one group (starting a group of
     processes costs seconds; the checks share it)."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    join_group(rank, world, port, datetime.timedelta(seconds=60))
     try:
         for check, arguments in checks:
             CHECKS[check](rank, world, *arguments)

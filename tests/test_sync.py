@@ -1,7 +1,6 @@
 """SyncBatchNorm over 2 and 3 gloo processes on 127.0.0.1 (tests/sync_workers.py), each run
 with a deadline so that a hang fails the test; and its one-process behaviour."""
 
-import socket
 import time
 
 import pytest
@@ -10,19 +9,14 @@ import torch.multiprocessing as mp
 
 import batchnorm
 import sync_workers
+from batchnorm.lab.processes import free_port
 
 DEADLINE = 120  # seconds for a spawned group to finish
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int, checks: list[tuple[str, tuple]]) -> None:
     context = mp.start_processes(
-        sync_workers.entry, args=(world, _free_port(), checks), nprocs=world, join=False, start_method="spawn"
+        sync_workers.entry, args=(world, free_port(), checks), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + DEADLINE
     while not context.join(timeout=1):

@@ -11,9 +11,7 @@ alone: the forward's all_gather of 3 x C float64 per rank and the backward's all
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -23,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import layers, sync
+from .lab import processes
 
 SHAPES = [(128, 16, 32, 32), (128, 64, 8, 8), (32, 256, 14, 14), (256, 512)]
 
@@ -54,9 +53,7 @@ def _one_process(shape, repeat: int) -> float:
 
 
 def _worker(rank, port, shapes, repeat, path):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=5))
+    processes.join_group(rank, 2, port)
     rows = []
     try:
         for shape in shapes:
@@ -80,12 +77,11 @@ def _worker(rank, port, shapes, repeat, path):
 def measure(repeat: int = 20, shapes=None) -> list[dict]:
     shapes = shapes or SHAPES
     one = [_one_process(shape, repeat) for shape in shapes]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "rows.pt")
-        mp.start_processes(_worker, args=(port, shapes, repeat, path), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(processes.free_port(), shapes, repeat, path), nprocs=2, join=True, start_method="spawn"
+        )
         rows = torch.load(path)
     return [
         {"shape": shape, "one": o, "two": step, "gather": gather, "reduce": reduce, "C": shape[1]}

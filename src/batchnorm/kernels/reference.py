@@ -51,8 +51,11 @@ def moments(x: Tensor, dims: tuple[int, ...], where: Tensor | None = None, p: fl
     if where is None and p == 2:
         var, mean = torch.var_mean(wide, dim=dims, correction=0, keepdim=keepdim)
         return mean, var
-    w = torch.ones((), dtype=wide.dtype, device=x.device) if where is None else where.to(wide.dtype)
-    count = torch.broadcast_to(w, wide.shape).sum(dims, keepdim=True)
+    if where is None:  # every position counts: no weights, the count from the shape
+        w, count = 1.0, float(math.prod(x.shape[d] for d in dims))
+    else:
+        w = where.to(wide.dtype)
+        count = torch.broadcast_to(w, wide.shape).sum(dims, keepdim=True)
     mean = (wide * w).sum(dims, keepdim=True) / count
     deviation = wide - mean
     if p == 2:

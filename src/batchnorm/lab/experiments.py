@@ -528,6 +528,19 @@ def train_mode_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     return correct / usable
 
 
+def _recovery_verdict(lost: float, recovered: float) -> str:
+    """The rule of both renorm claims: what batch norm loses, and how much of it renorm wins back."""
+    return _verdict(lost > 0.02 and recovered >= 0.5 * lost, lost > 0.02 and recovered <= 0.0)
+
+
+def _recovery_rule(where: str) -> str:
+    return (
+        f"holds if batch norm loses more than 0.02 {where} and renorm wins back at least half of it; does not hold "
+        "if it loses more than 0.02 and renorm wins none back; inconclusive otherwise (nothing to recover, or less "
+        "than half)"
+    )
+
+
 def _renorm_claim(per_size: dict, sizes, reference: int) -> Claim:
     """Batch renorm at the small batches (at most 8) against batch norm there and at ``reference``."""
     small = [s for s in sizes if s <= 8] or [sizes[0]]
@@ -542,10 +555,8 @@ def _renorm_claim(per_size: dict, sizes, reference: int) -> Claim:
         f"test accuracy at batches {batches}: batch norm {bn_small:.3f}, batch renorm {renorm_small:.3f}; batch "
         f"norm at batch {reference}: {bn_reference:.3f} (lost at small batches {lost:+.3f}, recovered by renorm "
         f"{recovered:+.3f})",
-        _verdict(lost > 0.02 and recovered >= 0.5 * lost, lost > 0.02 and recovered <= 0.0),
-        "holds if batch norm loses more than 0.02 at the small batches and renorm wins back at least half of it; "
-        "does not hold if it loses more than 0.02 and renorm wins none back; inconclusive otherwise (nothing to "
-        "recover, or less than half)",
+        _recovery_verdict(lost, recovered),
+        _recovery_rule("at the small batches"),
     )
 
 
@@ -565,9 +576,8 @@ def _noniid_claim(iid: list[float], noniid: list[float], renormed: list[float]) 
         f"test accuracy at batch {NONIID_BATCH}: batch norm {bn_iid:.3f} with i.i.d. batches, {bn_noniid:.3f} with "
         f"batches of {NONIID_LABELS} labels ({per_label} examples each; lost {lost:+.3f}); batch renorm with them "
         f"{renorm_noniid:.3f} (recovered {recovered:+.3f})",
-        _verdict(lost > 0.02 and recovered >= 0.5 * lost, lost > 0.02 and recovered <= 0.0),
-        "holds if batch norm loses more than 0.02 with the non-i.i.d. batches and renorm wins back at least half of "
-        "it; does not hold if it loses more than 0.02 and renorm wins none back; inconclusive otherwise",
+        _recovery_verdict(lost, recovered),
+        _recovery_rule("with the non-i.i.d. batches"),
     )
 
 

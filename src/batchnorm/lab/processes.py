@@ -25,16 +25,22 @@ from . import train as train_module
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer fails the run
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank, nproc, port, config, out, resume, result_path) -> None:
+def join_group(rank: int, world: int, port: int, timeout: datetime.timedelta = GROUP_TIMEOUT) -> None:
+    """This spawned process, with one torch thread, into a gloo group of ``world`` on 127.0.0.1."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=nproc, timeout=GROUP_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+
+
+def _worker(rank, nproc, port, config, out, resume, result_path) -> None:
+    join_group(rank, nproc, port)
     try:
         run = train_module.train(config, out=out, resume=resume, log=print if rank == 0 else None, progress=False)
         if rank == 0:  # through a file: a pipe would block this process until the parent reads it
@@ -51,12 +57,11 @@ def train(config: train_module.Config, nproc: int, out: str | None = None, resum
         return train_module.train(config, out=out, resume=resume)
     if config.batch_size < nproc:
         raise ValueError(f"batch_size={config.batch_size} cannot be split over nproc={nproc} processes")
-    if config.norm in ("renorm", "bn-l1", "bn-linf"):
-        raise ValueError(f"training over several processes needs a synchronized norm: norm={config.norm!r} has none")
+    train_module.check_synchronizable(config)
     with tempfile.TemporaryDirectory() as folder:
         result_path = os.path.join(folder, "rank0.pt")
         mp.start_processes(
-            _worker, args=(nproc, _free_port(), config, out, resume, result_path), nprocs=nproc, join=True,
+            _worker, args=(nproc, free_port(), config, out, resume, result_path), nprocs=nproc, join=True,
             start_method="spawn",
         )  # fmt: skip
         result = torch.load(result_path, weights_only=True)

@@ -234,13 +234,18 @@ def _process_group() -> tuple[int, int]:
     return distributed.get_rank(), distributed.get_world_size()
 
 
-def _synchronized(model: nn.Module, config: Config) -> nn.Module:
-    """``model`` with SyncBatchNorm for its batch norm (batchnorm.convert_sync_batchnorm), for
-    training over the process group; norms without a synchronized form are refused."""
-    from ..sync_conversion import convert_sync_batchnorm
-
+def check_synchronizable(config: Config) -> None:
+    """A ValueError for a norm without a synchronized form (convert_sync_batchnorm refuses it)."""
     if config.norm in ("renorm", "bn-l1", "bn-linf"):
         raise ValueError(f"training over several processes needs a synchronized norm: norm={config.norm!r} has none")
+
+
+def _synchronized(model: nn.Module, config: Config) -> nn.Module:
+    """``model`` with SyncBatchNorm for its batch norm (batchnorm.convert_sync_batchnorm), for
+    training over the process group."""
+    from ..sync_conversion import convert_sync_batchnorm
+
+    check_synchronizable(config)
     return convert_sync_batchnorm(model)
 
 
