@@ -1,5 +1,6 @@
 """The command line: bench on one small shape, --help, a bad argument; the order of bench's rounds."""
 
+import json
 import re
 import subprocess
 import sys
@@ -106,6 +107,19 @@ def test_train_bad_arguments(capsys):
     assert "batch norm needs batch_size >= 2 in training, got batch_size=1" in capsys.readouterr().err
     assert cli.main(["train", "--data", "npz:/no/such.npz"]) == 2
     assert "/no/such.npz: file not found" in capsys.readouterr().err
+
+
+def test_train_measure_and_threads(tmp_path, capsys, monkeypatch):
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    out = tmp_path / "run"
+    argv = ["train", "--steps", "10", "--eval-every", "10", "--measure", "--norm", "bn-noisy", "--threads", "2"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert threads == [2]
+    record = json.loads((out / "metrics.json").read_text())["metrics"][0]
+    assert record["beta_smoothness"] > 0 and -1 <= record["ics_cosine"] <= 1
+    assert cli.main(["train", "--model", "cnn", "--depth", "5", "--out", str(tmp_path / "cnn")]) == 2
+    assert "depth=5 applies to the MLP only" in capsys.readouterr().err
 
 
 def test_train_help():

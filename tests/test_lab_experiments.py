@@ -1,17 +1,19 @@
 """The seven experiments end to end at a tiny scale, the report, and the pieces the verdicts rest on."""
 
 import base64
+import html
 import json
+import math
 import re
 
 import pytest
 import torch
 
 import batchnorm
-from batchnorm.lab import experiments, report
+from batchnorm.lab import claims, experiments, report, verdicts
 from batchnorm.lab.train import Config, Run
 
-VERDICTS = {experiments.HOLDS, experiments.FAILS, experiments.UNSURE}
+VERDICTS = {verdicts.HOLDS, verdicts.FAILS, verdicts.UNSURE}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def test_every_experiment_fills_its_tables(reproduced):
         for claim in result.claims:
             assert claim.verdict in VERDICTS
             assert re.search(r"\d\.\d{2}", claim.measured), claim.measured  # numbers, not prose
-            assert claim.rule.startswith("holds if")
+            assert claim.rule.startswith("holds if") and "95% Student-t interval over 2 seeds" in claim.rule
+            assert re.search(r"\[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", claim.interval), claim.interval
         assert result.rows and all(len(row) == len(result.columns) for row in result.rows)
         assert all(cell.strip() for row in result.rows for cell in row)
         assert result.figures and all(png.startswith(b"\x89PNG") for png in result.figures.values())
@@ -53,7 +56,10 @@ def test_report_html_and_files(reproduced):
     runs = metrics["experiments"]["fig1"]["runs"]["with batch norm"]
     assert len(runs) == experiments.SCALES["tiny"].seeds and runs[0][-1]["step"] == experiments.SCALES["tiny"].steps
     text = report.summary(results)
-    assert len(text.splitlines()) == 1 + sum(len(r.claims) for r in results)
+    assert len(text.splitlines()) == 1 + 2 * sum(len(r.claims) for r in results)
+    for result in results:
+        for claim in result.claims:
+            assert html.escape(claim.interval) in page and claim.interval in text
 
 
 def test_identical_configurations_train_once():
@@ -83,19 +89,23 @@ def _run(accuracies, percentiles=None):
 
 def test_steps_to_and_drift():
     run = _run([0.1, 0.3, 0.5, 0.4])
-    assert experiments._steps_to(run, 0.3) == 20
-    assert experiments._steps_to(run, 0.6) is None
-    assert experiments._steps_text([20, None]) == "20 (1 of 2 seeds)"
-    assert experiments._steps_text([None]) == "never"
-    # percentiles moving by 1 per evaluation with a spread of 2: travel 3 * 2 / 2
+    assert claims._steps_to(run, 0.3) == 20
+    assert claims._steps_to(run, 0.6) is None
+    assert claims._steps_text([20, None]) == "20 (1 of 2 seeds)"
+    assert claims._steps_text([None]) == "never"
+    # percentiles at -1, 0, +1 around their mean with a spread of 2: RMS deviation sqrt(2/3), over 2
     moving = _run([0, 0, 0], [(-1, 0, 1), (0, 1, 2), (1, 2, 3)])
-    assert experiments._drift(moving) == pytest.approx(3.0)
+    assert experiments._drift(moving) == pytest.approx((2 / 3) ** 0.5 / 2)
+    # the same movement seen at twice the evaluations gives the same number
+    denser = _run([0] * 6, [(-1, 0, 1), (-1, 0, 1), (0, 1, 2), (0, 1, 2), (1, 2, 3), (1, 2, 3)])
+    assert experiments._drift(denser) == pytest.approx(experiments._drift(moving))
 
 
-def test_verdict_rule():
-    assert experiments._verdict(True, False) == "holds"
-    assert experiments._verdict(False, True) == "does not hold"
-    assert experiments._verdict(False, False) == "inconclusive"
+def test_log_steps_count_a_run_that_never_gets_there_one_evaluation_past_its_end():
+    run = _run([0.1, 0.3, 0.5, 0.4])
+    run.config = Config(steps=40, eval_every=10)
+    assert claims._log_steps([run, run], 0.3) == pytest.approx([math.log(20)] * 2)
+    assert claims._log_steps([run], 0.9) == pytest.approx([math.log(50)])
 
 
 def test_batch_statistics_with_one_example_give_beta():
@@ -175,11 +185,12 @@ def test_bars_accept_equal_seeds():
 
 @pytest.mark.parametrize(
     "bn_small, renorm_small, verdict",
-    [(0.60, 0.75, experiments.HOLDS), (0.60, 0.59, experiments.FAILS), (0.60, 0.65, experiments.UNSURE),
-     (0.79, 0.70, experiments.UNSURE)],
+    [(0.60, 0.75, verdicts.HOLDS), (0.60, 0.59, verdicts.FAILS), (0.60, 0.65, verdicts.FAILS),
+     (0.79, 0.70, verdicts.UNSURE)],
 )  # fmt: skip
 def test_the_renorm_claim_follows_its_rule(bn_small, renorm_small, verdict):
-    """Batch norm at 0.80 at the reference batch; what renorm wins back at batches <= 8 decides."""
+    """Batch norm at 0.80 at the reference batch; what renorm wins back at batches <= 8 decides:
+    more than half (holds), less than half (does not hold), or nothing lost to win back (0.01)."""
     per_size = {
         2: ([bn_small] * 2, None, None, [renorm_small] * 2, None),
         64: ([0.80] * 2, None, None, [0.8] * 2, None),
@@ -191,8 +202,8 @@ def test_the_renorm_claim_follows_its_rule(bn_small, renorm_small, verdict):
 
 @pytest.mark.parametrize(
     "noniid, renormed, verdict",
-    [(0.60, 0.75, experiments.HOLDS), (0.60, 0.59, experiments.FAILS), (0.60, 0.65, experiments.UNSURE),
-     (0.79, 0.70, experiments.UNSURE)],
+    [(0.60, 0.75, verdicts.HOLDS), (0.60, 0.59, verdicts.FAILS), (0.60, 0.65, verdicts.FAILS),
+     (0.79, 0.70, verdicts.UNSURE)],
 )  # fmt: skip
 def test_the_noniid_claim_follows_its_rule(noniid, renormed, verdict):
     """Batch norm at 0.80 with i.i.d. batches; what renorm wins back with non-i.i.d. ones decides."""
@@ -218,3 +229,10 @@ def test_noniid_batches_hold_few_labels():
     assert torch.equal(train.batch_indices(iid, 3, 200, labels), train.batch_indices(iid, 3, 200))
     with pytest.raises(ValueError, match="batch_size must be a multiple of same_label=3, got batch_size=32"):
         train.Config(batch_size=32, same_label=3)
+
+
+def test_the_recovery_rule_is_inconclusive_when_seeds_disagree():
+    """Renorm wins back more than half at one seed and less at the other: the interval straddles 0."""
+    claim = experiments._noniid_claim([0.8, 0.8], [0.6, 0.6], [0.79, 0.65])
+    assert claim.verdict == verdicts.UNSURE
+    assert "recovered - half the loss" in claim.interval

@@ -111,6 +111,53 @@ def test_config_errors():
         ValueError, match="checkpoint_every must be 0 or a multiple of eval_every=100, got checkpoint_every=150"
     ):
         train.Config(checkpoint_every=150)
+    with pytest.raises(ValueError, match="depth=5, dropout=0.2 applies to the MLP only: model='cnn' has two conv"):
+        train.Config(model="cnn", depth=5, dropout=0.2)
+    with pytest.raises(ValueError, match="measure must be True or False, got measure=1"):
+        train.Config(measure=1)
+
+
+def test_measured_runs_train_the_same_numbers_and_record_the_measures(tiny):
+    config = train.Config(norm="bn-noisy", activation="relu", steps=30, eval_every=10, lr=0.05)
+    plain = train.train(config, tiny, progress=False)
+    measured = train.train(config.replace(measure=True), tiny, progress=False)
+    extra = {"loss_range", "gradient_change", "beta_smoothness", "ics_distance", "ics_relative", "ics_cosine",
+             "probe_batch_mean", "probe_batch_std"}  # fmt: skip
+    for a, b in zip(plain.metrics, measured.metrics, strict=True):
+        assert set(b) == set(a) | extra
+        assert {k: b[k] for k in a} == a  # measuring leaves the training (and its noise draws) alone
+    # the probe's training-mode statistics on the next step's batch, recomputed by hand
+    last = measured.metrics[-1]
+    index = train.batch_indices(config, config.steps, len(tiny.y_train), tiny.y_train)
+    seen = []
+    probe = [m for m in measured.model.modules() if isinstance(m, models.Probe)][-1]
+    handle = probe.register_forward_hook(lambda _m, _i, out: seen.append(out[:, 0].double()))
+    torch.manual_seed(123)  # the noise draw differs, and so must the mean, but not by more than the noise
+    with torch.no_grad():
+        measured.model.train()(tiny.x_train[index])
+    handle.remove()
+    assert abs(float(seen[0].mean()) - last["probe_batch_mean"]) < 1.0
+    assert last["probe_batch_std"] > 0
+
+
+def test_noise_is_the_papers_distribution():
+    noise = models.Noise()
+    x = torch.zeros(20000, 3)
+    torch.manual_seed(0)
+    y = noise(x)  # x = 0: y = m, per channel mu_j + 0.1 N(0, 1) with mu_j in (-0.5, 0.5)
+    assert (y.mean(0).abs() < 0.5 + 0.01).all()
+    torch.testing.assert_close(y.std(0), torch.full((3,), 0.1), atol=0.005, rtol=0)
+    x = torch.ones(20000, 3)
+    torch.manual_seed(1)
+    ones = noise(torch.ones(20000, 2))
+    torch.manual_seed(1)
+    zeros = noise(torch.zeros(20000, 2))
+    scale = (ones - zeros).mean(0)  # the same draws: x * s, with E[s] = sigma_j in [1, 1.25]
+    assert ((scale > 1 - 0.01) & (scale < 1.25 + 0.01)).all()
+    assert torch.equal(noise.eval()(x), x)
+    with pytest.raises(ValueError, match="Noise needs shift >= 0, scale >= 1 and per_example >= 0, got shift=0.5, "
+                                         "scale=0.9"):  # fmt: skip
+        models.Noise(scale=0.9)
 
 
 def test_probe_percentiles_follow_the_data():

@@ -162,14 +162,16 @@ def _optional_float(text: str) -> float | None:
 _CHOICES = {
     "model": ("mlp", "cnn"),
     "activation": ("sigmoid", "relu", "tanh"),
-    "norm": ("bn", "torch", "renorm", "bn-l1", "bn-linf", "ln", "gn", "in", "none"),
+    "norm": None,  # lab.models.NORMS
     "placement": ("before", "after"),
     "optimizer": ("sgd", "adam", "rmsprop"),
 }
 _HELP = {
     "data": "mnist1d (default, generated), digits, mnist:DIR (IDX files), csv:PATH[:LABEL], npz:PATH",
     "norm": "bn: this project's layers, torch: torch.nn's, renorm: batch renormalization, bn-l1/bn-linf: lp batch "
-    "norm, ln: LayerNorm, gn: GroupNorm, in: InstanceNorm (cnn), none",
+    "norm, ln: LayerNorm, gn: GroupNorm, in: InstanceNorm (cnn), bn-noisy: batch norm and time-varying noise "
+    "(Santurkar et al.), none",
+    "measure": "record Santurkar et al.'s landscape and ICS measures at every evaluation",
     "placement": "batch norm before or after the activation (MLP)",
     "bn_momentum": "weight of the new batch in the running averages; none: cumulative average",
     "checkpoint_every": "write OUT/checkpoint.pt every this many steps (a multiple of --eval-every; 0: never)",
@@ -178,6 +180,7 @@ _HELP = {
 
 
 def _add_train(commands) -> None:
+    from .lab.models import NORMS
     from .lab.train import Config
 
     train = commands.add_parser(
@@ -185,19 +188,27 @@ def _add_train(commands) -> None:
         help="train one configuration on any dataset",
         description="Train one network; metrics.json, metrics.csv (and checkpoint.pt) go to --out.",
     )
+    choices = {**_CHOICES, "norm": NORMS}
     for spec in dataclasses.fields(Config):
         default = spec.default
+        if isinstance(default, bool):
+            train.add_argument("--" + spec.name.replace("_", "-"), action="store_true", help=_HELP.get(spec.name))
+            continue
         kind = _optional_float if spec.name == "bn_momentum" else type(default)
         train.add_argument(
             "--" + spec.name.replace("_", "-"),
             type=_positive if kind is int and spec.name not in ("seed", "checkpoint_every") else kind,
             default=default,
-            choices=_CHOICES.get(spec.name),
+            choices=choices.get(spec.name),
             help=f"{_HELP.get(spec.name, '')} (default: {default})".strip(),
         )
     train.add_argument(
         "--nproc", type=_positive, default=1,
         help="processes on this machine, each with its part of every batch (gloo, SyncBatchNorm; default: 1)",
+    )  # fmt: skip
+    train.add_argument(
+        "--threads", type=_positive, default=1,
+        help="torch threads (default: 1, as every run of the lab, so that the numbers match its runs')",
     )  # fmt: skip
     train.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -240,6 +251,9 @@ def _train(args) -> int:
 
             run = processes.train(config, args.nproc, out=out, resume=args.resume)
         else:
+            import torch
+
+            torch.set_num_threads(args.threads)  # under torchrun, _join_torchrun gives each process one
             rank = _join_torchrun()
             run = train.train(config, out=out, resume=args.resume, log=None if sys.stderr.isatty() else print)
             if rank:

@@ -6,7 +6,8 @@ over the run, on the paper's schedule scaled to ``steps``: plain BN for the firs
 dmax at half the run, rmax at four fifths), "bn-l1" and "bn-linf" (lp batch norm, Santurkar
 et al. 2018), "ln" (LayerNorm over each example's features; in the CNN over its channels and
 positions, GroupNorm with one group as Wu & He compare it), "gn" (GroupNorm with
-gcd(channels, 8) groups), "in" (InstanceNorm, the CNN only: it needs positions) or "none".
+gcd(channels, 8) groups), "in" (InstanceNorm, the CNN only: it needs positions), "bn-noisy"
+(batch norm followed by ``Noise``, Santurkar et al.'s "noisy" batch norm) or "none".
 In the MLP, "before" puts batch norm between the linear
 map and the activation, as the paper does (x -> BN(Wx) -> f); "after" puts it after
 the activation (x -> f(Wx + b) -> BN).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .. import layers
@@ -27,15 +29,48 @@ from ..lp import LpBatchNorm1d, LpBatchNorm2d
 from ..normalizations import GroupNorm, InstanceNorm1d, InstanceNorm2d, LayerNorm
 from ..renorm import BatchRenorm1d, BatchRenorm2d
 
-__all__ = ["ACTIVATIONS", "NORMS", "Probe", "cnn", "mlp", "paper_init"]
+__all__ = ["ACTIVATIONS", "NORMS", "Noise", "Probe", "cnn", "mlp", "paper_init"]
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
-NORMS = ("bn", "torch", "renorm", "bn-l1", "bn-linf", "ln", "gn", "in", "none")
+NORMS = ("bn", "torch", "renorm", "bn-l1", "bn-linf", "ln", "gn", "in", "bn-noisy", "none")
 INIT_STD = 0.1  # the paper: "small random Gaussian values"; it gives no number
 
 
 class Probe(nn.Identity):
     """Marks the input of an activation; register a forward hook on it to record it."""
+
+
+class Noise(nn.Module):
+    """Time-varying noise of non-zero mean and non-unit variance (Santurkar et al. 2018, section 2.1).
+
+    In training mode every forward (one training step) draws, per channel j, a shift
+    mu_j ~ U(-shift, shift) and a scale sigma_j ~ U(1, scale), and for each example i and
+    position a multiplier s and an offset m around them:
+
+        y = x * s + m,   s = sigma_j + per_example * N(0, 1),   m = mu_j + per_example * N(0, 1)
+
+    from torch's global generator (so checkpoints keep it). In eval mode it is the identity."""
+
+    def __init__(self, shift: float = 0.5, scale: float = 1.25, per_example: float = 0.1):
+        super().__init__()
+        if not (shift >= 0 and scale >= 1 and per_example >= 0):
+            raise ValueError(
+                f"Noise needs shift >= 0, scale >= 1 and per_example >= 0, got shift={shift}, scale={scale}, "
+                f"per_example={per_example}"
+            )
+        self.shift, self.scale, self.per_example = shift, scale, per_example
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        mu = torch.empty(shape, dtype=x.dtype, device=x.device).uniform_(-self.shift, self.shift)
+        sigma = torch.empty(shape, dtype=x.dtype, device=x.device).uniform_(1.0, self.scale)
+        s = sigma + self.per_example * torch.randn_like(x)
+        return x * s + mu + self.per_example * torch.randn_like(x)
+
+    def extra_repr(self) -> str:
+        return f"shift={self.shift}, scale={self.scale}, per_example={self.per_example}"
 
 
 def _norm(
@@ -60,6 +95,8 @@ def _norm(
             raise ValueError("norm='renorm' needs a bn_momentum in [0, 1] (its running standard deviation), got None")
         schedule = dict(warmup_steps=steps // 10, dmax_steps=steps // 2, rmax_steps=steps * 4 // 5)
         return (BatchRenorm1d if rank == 1 else BatchRenorm2d)(features, momentum=momentum, **schedule)
+    if kind == "bn-noisy":
+        return nn.Sequential(_norm("bn", features, rank, momentum, steps, spatial), Noise())
     if kind == "bn":
         return (layers.BatchNorm1d if rank == 1 else layers.BatchNorm2d)(features, momentum=momentum)
     return (nn.BatchNorm1d if rank == 1 else nn.BatchNorm2d)(features, momentum=momentum)

@@ -23,7 +23,7 @@ STYLE = {
     "legend.frameon": False,
 }
 
-__all__ = ["STYLE", "bars", "curves", "percentile_bands", "versus"]
+__all__ = ["STYLE", "bars", "curves", "panels", "percentile_bands", "versus"]
 
 
 def _png(figure) -> bytes:
@@ -50,6 +50,23 @@ def curves(series: dict[str, list[list[dict]]], key: str, ylabel: str, title: st
             _band(ax, steps, [[record[key] for record in run] for run in runs], label)
         ax.set(xlabel="training step", ylabel=ylabel, title=title)
         ax.legend()
+        return _png(figure)
+
+
+def panels(series: dict[str, list[list[dict]]], keys: dict[str, str], title: str, log: bool = False) -> bytes:
+    """One panel of curves per record key (keys[key] is its axis label), the labels in each."""
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(3.4 * len(keys), 3.4))
+        axes = figure.subplots(1, len(keys), squeeze=False)[0]
+        for ax, (key, ylabel) in zip(axes, keys.items(), strict=True):
+            for label, runs in series.items():
+                steps = [record["step"] for record in runs[0]]
+                _band(ax, steps, [[record[key] for record in run] for run in runs], label)
+            ax.set(xlabel="training step", ylabel=ylabel)
+            if log:
+                ax.set_yscale("log")
+        axes[0].legend()
+        figure.suptitle(title)
         return _png(figure)
 
 

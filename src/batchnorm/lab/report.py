@@ -93,9 +93,12 @@ def _claims_html(result: Result) -> str:
         verdict = f'<span class="{_slug(claim.verdict)}">{html.escape(claim.verdict)}</span>'
         rows.append(
             f"<tr><td>{html.escape(claim.claim)}</td><td>{html.escape(claim.measured)}</td><td>{verdict}</td>"
-            f'<td class="rule">{html.escape(claim.rule)}</td></tr>'
+            f"<td>{html.escape(claim.interval)}</td><td class='rule'>{html.escape(claim.rule)}</td></tr>"
         )
-    head = "<tr><th>claim (the seeds)</th><th>measured</th><th>verdict</th><th>rule</th></tr>"
+    head = (
+        "<tr><th>claim (the seeds)</th><th>measured</th><th>verdict</th><th>interval (mean [95% interval])</th>"
+        "<th>rule</th></tr>"
+    )
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -108,7 +111,10 @@ def render(results: list[Result], settings: dict, seconds: float) -> str:
         f"seeds {html.escape(str(settings['seeds']))}; {seconds:.0f} s. Command: <code>"
         f"{html.escape(settings['command'])}</code></p>",
         "<h2>Summary</h2>",
-        _table(["experiment", "claim", "verdict"], [[r.name, c.claim, c.verdict] for r in results for c in r.claims]),
+        _table(
+            ["experiment", "claim", "verdict", "interval"],
+            [[r.name, c.claim, c.verdict, c.interval] for r in results for c in r.claims],
+        ),
     ]
     for result in results:
         parts.append(f"<h2 id='{result.name}'>{html.escape(result.title)} (<code>{result.name}</code>)</h2>")
@@ -162,11 +168,13 @@ def write(results: list[Result], out: str, settings: dict, seconds: float) -> st
 
 
 def summary(results: list[Result]) -> str:
-    """A plain-text table: experiment, verdict, what was measured."""
-    lines = [f"{'experiment':<22} {'verdict':<14} measured"]
+    """A plain-text table: experiment, verdict, what was measured and, below it, the interval the
+    verdict was decided on."""
+    lines = [f"{'experiment':<22} {'verdict':<14} measured / interval (mean [95% interval])"]
     for result in results:
         for claim in result.claims:
             lines.append(f"{result.name:<22} {claim.verdict:<14} {claim.measured}")
+            lines.append(f"{'':<37} {claim.interval}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ torch's global generator, whose state goes into every checkpoint.
 Every ``eval_every`` steps, in eval mode: test loss and accuracy on the whole test
 set, accuracy on the first ``train_eval_size`` training examples, and the 15th,
 50th and 85th percentiles over the test set of the input to one activation of the
-last hidden layer (unit 0 of the last ``Probe``; the paper's Figure 1 b, c).
+last hidden layer (unit 0 of the last ``Probe``; the paper's Figure 1 b, c). With
+``measure``, also Santurkar et al.'s measures (``landscape.measure``) and the training-mode
+mean and standard deviation of that input, on the batch of the next step.
 
 Every ``checkpoint_every`` steps (a multiple of ``eval_every``) the model, the
 optimizer, the random state and the metrics so far are written atomically to
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, models
+from . import checkpoints, landscape, models
 from . import data as data_module
 
 __all__ = ["Config", "Run", "evaluate", "train"]
@@ -61,6 +63,7 @@ class Config:
     bn_momentum: float | None = 0.1
     train_eval_size: int = 1000
     same_label: int = 1  # examples of one label drawn together (1: i.i.d. batches)
+    measure: bool = False  # at every evaluation: landscape.measure and the probe's batch statistics
 
     def __post_init__(self) -> None:
         positive = ("depth", "width", "batch_size", "steps", "eval_every", "train_eval_size", "same_label")
@@ -68,8 +71,18 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not isinstance(self.measure, bool):
+            raise ValueError(f"measure must be True or False, got measure={self.measure!r}")
         if self.model not in ("mlp", "cnn"):
             raise ValueError(f"model must be 'mlp' or 'cnn', got model={self.model!r}")
+        if self.model == "cnn":
+            mlp_only = {"depth": 3, "width": 100, "placement": "before", "dropout": 0.0}
+            changed = [f"{k}={getattr(self, k)!r}" for k, v in mlp_only.items() if getattr(self, k) != v]
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} applies to the MLP only: model='cnn' has two conv blocks of 32 and 64 "
+                    "channels with batch norm before each activation and no dropout"
+                )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -187,23 +200,53 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return loss / len(y), correct / len(y)
 
 
-@torch.no_grad()
-def probe_percentiles(model: nn.Module, x: torch.Tensor, unit: int = 0) -> tuple[float, float, float]:
-    """15th, 50th and 85th percentiles over ``x`` of unit ``unit`` at the last Probe (eval mode)."""
+def _probe_values(model: nn.Module, x: torch.Tensor, unit: int) -> torch.Tensor | None:
+    """Unit ``unit``'s inputs at the last Probe over ``x``, in the model's current mode (None without a Probe)."""
     probes = [m for m in model.modules() if isinstance(m, models.Probe)]
     if not probes:
-        return (float("nan"),) * 3
+        return None
     seen = []
     handle = probes[-1].register_forward_hook(lambda _m, _i, out: seen.append(out[:, unit].flatten()))
     try:
         model(x)
     finally:
         handle.remove()
-    q = torch.quantile(torch.cat(seen).double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+    return torch.cat(seen).double()
+
+
+@torch.no_grad()
+def probe_percentiles(model: nn.Module, x: torch.Tensor, unit: int = 0) -> tuple[float, float, float]:
+    """15th, 50th and 85th percentiles over ``x`` of unit ``unit`` at the last Probe (eval mode)."""
+    values = _probe_values(model, x, unit)
+    if values is None:
+        return (float("nan"),) * 3
+    q = torch.quantile(values, torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
     return tuple(float(v) for v in q)
 
 
+def _measures(model: nn.Module, dataset: data_module.Dataset, config: Config, step: int) -> dict:
+    """On the batch of the next step, in training mode: Santurkar et al.'s measures
+    (landscape.measure at the learning rate) and the mean and standard deviation over the
+    batch of the input to unit 0 of the last Probe, the distribution a training step sees.
+    The model, its buffers and torch's random state are left as they were."""
+    index = batch_indices(config, step, len(dataset.y_train), dataset.y_train)
+    x, y = dataset.x_train[index], dataset.y_train[index]
+    was_training = model.training
+    model.train()
+    try:
+        numbers = landscape.measure(model, x, y, config.lr)
+        with landscape.unchanged(model), torch.no_grad():
+            values = _probe_values(model, x, 0)
+    finally:
+        model.train(was_training)
+    missing = values is None
+    numbers["probe_batch_mean"] = float("nan") if missing else float(values.mean())
+    numbers["probe_batch_std"] = float("nan") if missing else float(values.std(correction=0))
+    return numbers
+
+
 def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step: int, train_loss: float) -> dict:
+    measured = _measures(model, dataset, config, step) if config.measure else {}
     was_training = model.training
     model.eval()
     test_loss, test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
@@ -220,6 +263,7 @@ def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step
         "probe_p15": p15,
         "probe_p50": p50,
         "probe_p85": p85,
+        **measured,
     }
 
 
