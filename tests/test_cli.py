@@ -132,7 +132,8 @@ def test_experiment_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "placement"
     assert cli.main(["experiment", "placement", "--scale", "tiny", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert re.search(r"placement +(holds|does not hold|inconclusive) +best test accuracy", text)
+    assert re.search(r"placement +(holds|does not hold|inconclusive) +test accuracy .* before", text)
+    assert re.search(r"\n +before - after [-+]\d\.\d{3} \[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]\n", text)
     assert (out / "report.html").exists() and (out / "placement-1.png").exists()
 
 

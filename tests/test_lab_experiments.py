@@ -1,4 +1,4 @@
-"""The seven experiments end to end at a tiny scale, the report, and the pieces the verdicts rest on."""
+"""The experiments end to end at a tiny scale, the report, and the pieces the verdicts rest on."""
 
 import base64
 import html

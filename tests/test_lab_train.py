@@ -206,3 +206,33 @@ def test_the_other_normalizations_build_and_train(norm, mlp_layer, cnn_layer, ti
     assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
     if norm.startswith("bn-"):
         assert {m.p for m in model if type(m).__name__ == mlp_layer} == {1 if norm == "bn-l1" else float("inf")}
+
+
+def test_hold_out_is_fixed_and_disjoint(tiny):
+    rest, x_val, y_val = data.hold_out(tiny, 0.1)
+    again, x_again, _ = data.hold_out(tiny, 0.1)
+    assert len(y_val) == 60 and len(rest.y_train) == 540
+    assert torch.equal(x_val, x_again) and torch.equal(rest.x_train, again.x_train)
+    together = torch.cat([rest.x_train, x_val])
+    assert torch.equal(together[together[:, 0].argsort()], tiny.x_train[tiny.x_train[:, 0].argsort()])
+    assert rest.x_test is tiny.x_test
+    with pytest.raises(ValueError, match="validation=0.999 of 600 training examples leaves 599 for validation"):
+        data.hold_out(tiny, 0.999)
+    with pytest.raises(ValueError, match="validation must be a fraction in \\[0, 1\\), got validation=1.0"):
+        train.Config(validation=1.0)
+
+
+def test_validation_records_and_the_chosen_evaluation(tiny):
+    config = train.Config(steps=40, eval_every=10, validation=0.1, lr=0.05)
+    run = train.train(config, tiny, progress=False)
+    rest, x_val, y_val = data.hold_out(tiny, 0.1)
+    assert all({"val_loss", "val_accuracy"} <= set(r) for r in run.metrics)
+    # the last record's validation numbers, recomputed on the held-out examples
+    loss, accuracy = train.evaluate(run.model.eval(), x_val, y_val)
+    assert run.final["val_loss"] == pytest.approx(loss) and run.final["val_accuracy"] == accuracy
+    best = max(r["val_accuracy"] for r in run.metrics)
+    assert run.chosen is next(r for r in run.metrics if r["val_accuracy"] == best)
+    # trained on the rest only: the same numbers as training on that dataset without a split
+    plain = train.train(config.replace(validation=0.0), rest, progress=False)
+    assert [r["test_accuracy"] for r in plain.metrics] == [r["test_accuracy"] for r in run.metrics]
+    assert plain.chosen is plain.final

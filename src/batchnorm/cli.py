@@ -114,7 +114,7 @@ def _add_lab(commands) -> None:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="run all seven experiments and write report.html",
+        help="run every experiment and write report.html",
         description="Train networks with and without batch norm, test each claim, and write report.html, "
         "the figures and metrics.json (quick scale: about a minute on 2 cores).",
     )
@@ -171,6 +171,7 @@ _HELP = {
     "norm": "bn: this project's layers, torch: torch.nn's, renorm: batch renormalization, bn-l1/bn-linf: lp batch "
     "norm, ln: LayerNorm, gn: GroupNorm, in: InstanceNorm (cnn), bn-noisy: batch norm and time-varying noise "
     "(Santurkar et al.), none",
+    "validation": "fraction of the training set held out; the run reports the evaluation of its best accuracy",
     "measure": "record Santurkar et al.'s landscape and ICS measures at every evaluation",
     "placement": "batch norm before or after the activation (MLP)",
     "bn_momentum": "weight of the new batch in the running averages; none: cumulative average",

@@ -52,10 +52,21 @@ def _final(runs: list[Run], key: str = "test_accuracy") -> list[float]:
     return [run.final[key] for run in runs]
 
 
+def _chosen(runs: list[Run], key: str = "test_accuracy") -> list[float]:
+    """``key`` at each run's chosen evaluation (the best validation accuracy: Run.chosen)."""
+    return [run.chosen[key] for run in runs]
+
+
+def _watched(run: Run) -> str:
+    """The accuracy that speed is measured on: validation where the run has it, else test."""
+    return "val_accuracy" if "val_accuracy" in run.metrics[0] else "test_accuracy"
+
+
 def _steps_to(run: Run, target: float) -> int | None:
-    """The first evaluated step at which test accuracy reaches ``target``."""
+    """The first evaluated step at which the validation accuracy (test without one) reaches ``target``."""
+    key = _watched(run)
     for record in run.metrics:
-        if record["test_accuracy"] >= target:
+        if record[key] >= target:
             return record["step"]
     return None
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DataError", "Dataset", "csv", "digits", "load", "mnist1d", "mnist_idx", "npz"]
+__all__ = ["DataError", "Dataset", "csv", "digits", "hold_out", "load", "mnist1d", "mnist_idx", "npz"]
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -55,6 +55,22 @@ class Dataset:
     @property
     def num_features(self) -> int:
         return int(np.prod(self.example_shape))
+
+
+def hold_out(dataset: Dataset, fraction: float) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """(the dataset without its validation examples, x_val, y_val): ``fraction`` of the training
+    set, drawn with seed SPLIT_SEED, the same for every run; the test set is left alone."""
+    n = len(dataset.y_train)
+    k = int(round(n * fraction))
+    if not 1 <= k <= n - 2:
+        raise ValueError(
+            f"validation={fraction} of {n} training examples leaves {k} for validation and {n - k} for training: "
+            "expected at least 1 and 2"
+        )
+    order = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(n))
+    held, kept = order[:k], order[k:]
+    rest = Dataset(dataset.name, dataset.x_train[kept], dataset.y_train[kept], dataset.x_test, dataset.y_test)
+    return rest, dataset.x_train[held], dataset.y_train[held]
 
 
 def _dataset(name, x_train, y_train, x_test, y_test) -> Dataset:

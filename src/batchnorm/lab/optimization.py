@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from . import plots
-from .claims import Claim, Result, _final, _mean, _metrics, _movement, _pm, _ratio
+from .claims import Claim, Result, _chosen, _mean, _metrics, _movement, _pm, _ratio
 from .verdicts import FAILS, UNSURE, above, below, every, paired, rule
 
 __all__ = ["ics", "landscape", "lp_norms", "noisy_bn", "normalizations"]
@@ -64,7 +64,7 @@ def landscape(lab) -> Result:
     seeds = len(lab.seeds)
     intervals = {key: _log_ratio(runs["bn"], runs["none"], key) for key in _MEASURES}
     rows = [
-        [label, _pm(_final(r))] + [_column(r, key) for key in _MEASURES] for label, r in named.items()
+        [label, _pm(_chosen(r))] + [_column(r, key) for key in _MEASURES] for label, r in named.items()
     ]  # fmt: skip
     path = "along -g at 1/2 to 4 times the learning rate, averaged over training"
     claims = [
@@ -96,7 +96,7 @@ def landscape(lab) -> Result:
             plots.panels(_metrics(named), _MEASURES, "The loss landscape", log=True)
         )
     }
-    columns = ["network", "final test accuracy"] + list(_MEASURES.values())
+    columns = ["network", "test accuracy"] + list(_MEASURES.values())
     return Result("landscape", "The loss landscape (Santurkar et al. 2018)", columns, rows, claims, figures,
                   _metrics(named))  # fmt: skip
 
@@ -143,18 +143,18 @@ def noisy_bn(lab) -> Result:
     named = {"batch norm": runs["bn"], "noisy batch norm": runs["bn-noisy"], "without": runs["none"]}
     unstable = {label: [_instability(run) for run in r] for label, r in named.items()}
     premise = paired([math.log(v) for v in unstable["noisy batch norm"]], [math.log(v) for v in unstable["batch norm"]])
-    versus_bn = paired(_final(runs["bn-noisy"]), _final(runs["bn"]))
-    versus_none = paired(_final(runs["bn-noisy"]), _final(runs["none"]))
+    versus_bn = paired(_chosen(runs["bn-noisy"]), _chosen(runs["bn"]))
+    versus_none = paired(_chosen(runs["bn-noisy"]), _chosen(runs["none"]))
     shown = above(premise, 0.0)
     verdict = every(UNSURE if shown == FAILS else shown, above(versus_bn, -MARGIN), above(versus_none, 0.0))
-    rows = [[label, _pm(_final(r)), _pm(unstable[label])] for label, r in named.items()]
+    rows = [[label, _pm(_chosen(r)), _pm(unstable[label])] for label, r in named.items()]
     claims = [
         Claim(
             "Batch norm followed by time-varying noise of non-zero mean and non-unit variance trains about as "
             "well as batch norm, and better than no batch norm, though the distribution its activations see "
             "moves from step to step (Santurkar et al., section 2.1, Figure 2).",
-            f"final test accuracy {_pm(_final(runs['bn-noisy']))} noisy, {_pm(_final(runs['bn']))} batch norm, "
-            f"{_pm(_final(runs['none']))} without; movement of the probed input's training-mode batch mean "
+            f"test accuracy {_pm(_chosen(runs['bn-noisy']))} noisy, {_pm(_chosen(runs['bn']))} batch norm, "
+            f"{_pm(_chosen(runs['none']))} without; movement of the probed input's training-mode batch mean "
             f"{_pm(unstable['noisy batch norm'])} noisy, {_pm(unstable['batch norm'])} batch norm",
             verdict,
             f"holds if the noisy network's movement is larger than batch norm's (ratio above 1: the premise), its "
@@ -173,7 +173,7 @@ def noisy_bn(lab) -> Result:
             _metrics(named), "test_accuracy", "test accuracy", "Noisy batch norm"
         ),
     }
-    columns = ["network", "final test accuracy", "movement of the batch mean"]
+    columns = ["network", "test accuracy", "movement of the batch mean"]
     return Result("noisy-bn", "Noisy batch norm (Santurkar et al. 2018)", columns, rows, claims, figures,
                   _metrics(named))  # fmt: skip
 
@@ -184,13 +184,13 @@ LP_LABELS = {"bn": "l2 (batch norm)", "bn-l1": "l1", "bn-linf": "l-infinity"}
 def lp_norms(lab) -> Result:
     runs = _santurkar_runs(lab, *LP_LABELS)
     named = {LP_LABELS[norm]: r for norm, r in runs.items()}
-    differences = {norm: paired(_final(runs[norm]), _final(runs["bn"])) for norm in ("bn-l1", "bn-linf")}
-    rows = [[label, _pm(_final(r)), _pm([run.best() for run in r])] for label, r in named.items()]
+    differences = {norm: paired(_chosen(runs[norm]), _chosen(runs["bn"])) for norm in ("bn-l1", "bn-linf")}
+    rows = [[label, _pm(_chosen(r)), _pm(_chosen(r, "val_accuracy"))] for label, r in named.items()]
     claims = [
         Claim(
             "Batch norm with the l1 or the l-infinity norm of the centred activations in place of the "
             "standard deviation trains as well as standard batch norm or better (Santurkar et al., section 3.3).",
-            f"final test accuracy: {', '.join(f'{LP_LABELS[n]} {_pm(_final(r))}' for n, r in runs.items())}",
+            f"test accuracy: {', '.join(f'{LP_LABELS[n]} {_pm(_chosen(r))}' for n, r in runs.items())}",
             every(*(above(iv, -MARGIN) for iv in differences.values())),
             f"holds if each of l1 - l2 and l-infinity - l2 lies above -{MARGIN} ({rule(len(lab.seeds))}, paired); "
             f"does not hold if either lies at or below -{MARGIN}; inconclusive otherwise",
@@ -202,27 +202,28 @@ def lp_norms(lab) -> Result:
             _metrics(named), "test_accuracy", "test accuracy", "lp batch norm"
         )
     }
-    columns = ["batch norm", "final test accuracy", "best test accuracy"]
+    columns = ["batch norm", "test accuracy", "test accuracy"]
     return Result("lp-norms", "lp batch norm (Santurkar et al. 2018)", columns, rows, claims, figures,
                   _metrics(named))  # fmt: skip
 
 
-# every other batch size of the scale's (2, 8, 64, 256 at the quick and full scales): the small
-# batches take the most steps, and this keeps the quick suite within its 5 minutes
-NORMALIZATIONS = {"bn": "batch norm", "gn": "group norm", "ln": "layer norm", "renorm": "batch renorm", "none": "none"}
+NORMALIZATIONS = {"bn": "batch norm", "gn": "group norm", "ln": "layer norm", "renorm": "batch renorm"}
 
 
 def same_examples(lab, size: int) -> dict:
-    """A batch size's share of the scale's examples: the same number seen at every batch size."""
-    steps = max(lab.scale.batch_examples // size, 1)
-    return dict(batch_size=size, steps=steps, eval_every=max(steps // 5, 1))
+    """Wu & He's protocol: the same number of examples (epochs) seen at every batch size, the
+    scale's ``examples``, so that a batch of 2 takes many more steps than one of 64."""
+    steps = max(lab.scale.examples // size, 1)
+    return {"batch_size": size, "steps": steps, "eval_every": max(steps // 5, 1)}
 
 
 def normalizations(lab) -> Result:
+    # every other batch size of the scale's (2, 8, 64, 256 at the quick and full scales): the small
+    # batches take the most steps, and this keeps the quick suite within its 5 minutes
     sizes = lab.scale.batch_sizes[::2] + ((lab.scale.batch_sizes[-1],) if len(lab.scale.batch_sizes) % 2 == 0 else ())
     lab.prefetch(*({"norm": norm, **same_examples(lab, size)} for size in sizes for norm in NORMALIZATIONS))
     runs = {(norm, size): lab.runs(norm=norm, **same_examples(lab, size)) for size in sizes for norm in NORMALIZATIONS}
-    accuracy = {key: _final(r) for key, r in runs.items()}
+    accuracy = {key: _chosen(r) for key, r in runs.items()}
     smallest, reference = sizes[0], max(s for s in sizes if s <= 64)
     bn_loses = paired(accuracy["bn", reference], accuracy["bn", smallest])
     gn_keeps = paired(accuracy["gn", smallest], accuracy["gn", reference])
@@ -231,7 +232,7 @@ def normalizations(lab) -> Result:
     claims = [
         Claim(
             "Batch norm loses accuracy at small batches where group norm does not (Wu & He 2018).",
-            f"final test accuracy at batch {smallest} and {reference}: batch norm "
+            f"test accuracy at batch {smallest} and {reference}: batch norm "
             f"{_mean(accuracy['bn', smallest]):.3f} and {_mean(accuracy['bn', reference]):.3f}, group norm "
             f"{_mean(accuracy['gn', smallest]):.3f} and {_mean(accuracy['gn', reference]):.3f}",
             every(above(bn_loses, 0.0), above(gn_keeps, -MARGIN)),
@@ -247,7 +248,7 @@ def normalizations(lab) -> Result:
         for norm, label in NORMALIZATIONS.items()
     }
     figures = {
-        f"Final test accuracy against batch size, {lab.scale.batch_examples} examples seen at every size": (
+        f"Test accuracy against batch size, {lab.scale.examples} examples seen at every size (Wu & He)": (
             plots.versus(list(sizes), lines, "batch size", "test accuracy", "Normalizations")
         )
     }

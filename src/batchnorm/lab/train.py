@@ -11,7 +11,10 @@ set, accuracy on the first ``train_eval_size`` training examples, and the 15th,
 50th and 85th percentiles over the test set of the input to one activation of the
 last hidden layer (unit 0 of the last ``Probe``; the paper's Figure 1 b, c). With
 ``measure``, also Santurkar et al.'s measures (``landscape.measure``) and the training-mode
-mean and standard deviation of that input, on the batch of the next step.
+mean and standard deviation of that input, on the batch of the next step. With
+``validation`` > 0 that fraction of the training set is held out (data.hold_out) and
+evaluated too: ``Run.chosen`` is the evaluation of its best accuracy, so that nothing is
+chosen on the test set.
 
 Every ``checkpoint_every`` steps (a multiple of ``eval_every``) the model, the
 optimizer, the random state and the metrics so far are written atomically to
@@ -64,6 +67,7 @@ class Config:
     train_eval_size: int = 1000
     same_label: int = 1  # examples of one label drawn together (1: i.i.d. batches)
     measure: bool = False  # at every evaluation: landscape.measure and the probe's batch statistics
+    validation: float = 0.0  # the fraction of the training set held out to choose the evaluation reported
 
     def __post_init__(self) -> None:
         positive = ("depth", "width", "batch_size", "steps", "eval_every", "train_eval_size", "same_label")
@@ -71,6 +75,8 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not (isinstance(self.validation, (int, float)) and 0 <= self.validation < 1):
+            raise ValueError(f"validation must be a fraction in [0, 1), got validation={self.validation!r}")
         if not isinstance(self.measure, bool):
             raise ValueError(f"measure must be True or False, got measure={self.measure!r}")
         if self.model not in ("mlp", "cnn"):
@@ -123,6 +129,14 @@ class Run:
 
     def best(self, key: str = "test_accuracy") -> float:
         return max(record[key] for record in self.metrics)
+
+    @property
+    def chosen(self) -> dict:
+        """The evaluation of the highest validation accuracy (the first of equals); the last
+        evaluation without a validation split."""
+        if "val_accuracy" not in self.metrics[0]:
+            return self.final
+        return max(self.metrics, key=lambda record: record["val_accuracy"])
 
 
 def build_model(config: Config, dataset: data_module.Dataset) -> nn.Module:
@@ -245,11 +259,16 @@ def _measures(model: nn.Module, dataset: data_module.Dataset, config: Config, st
     return numbers
 
 
-def _record(model: nn.Module, dataset: data_module.Dataset, config: Config, step: int, train_loss: float) -> dict:
+def _record(
+    model: nn.Module, dataset: data_module.Dataset, config: Config, step: int, train_loss: float, held=None
+) -> dict:
     measured = _measures(model, dataset, config, step) if config.measure else {}
     was_training = model.training
     model.eval()
     test_loss, test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
+    if held is not None:
+        val_loss, val_accuracy = evaluate(model, *held)
+        measured = {"val_loss": val_loss, "val_accuracy": val_accuracy, **measured}
     k = min(config.train_eval_size, len(dataset.y_train))
     _, train_accuracy = evaluate(model, dataset.x_train[:k], dataset.y_train[:k])
     p15, p50, p85 = probe_percentiles(model, dataset.x_test)
@@ -345,6 +364,9 @@ def train(
     one plain line per evaluation.
     """
     dataset = dataset if dataset is not None else data_module.load(config.data)
+    held = None
+    if config.validation:
+        dataset, *held = data_module.hold_out(dataset, config.validation)
     torch.manual_seed(config.seed)
     model = build_model(config, dataset)
     rank, world = _process_group()
@@ -396,7 +418,7 @@ def train(
         step += 1
         bar.update(1)
         if step % config.eval_every == 0 or step == config.steps:
-            record = _record(model, dataset, config, step, loss_sum / loss_count)
+            record = _record(model, dataset, config, step, loss_sum / loss_count, held)
             run.metrics.append(record)
             loss_sum, loss_count = 0.0, 0
             bar.set_postfix(test_accuracy=f"{record['test_accuracy']:.3f}")
