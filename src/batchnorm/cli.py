@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _lab_options(command) -> None:
-    command.add_argument("--full", action="store_true", help="the paper's scale: 50,000 steps of batch 60, 3 seeds")
+    command.add_argument("--full", action="store_true", help="the paper's scale: 50,000 steps of batch 60, 6 seeds")
     command.add_argument("--scale", choices=("tiny", "quick", "full"), help=argparse.SUPPRESS)
     command.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
     command.add_argument("--seed", type=int, default=0, help="first seed; the others follow it (default: 0)")
