@@ -92,3 +92,11 @@ def test_bad_input_is_named(call, message):
 
 def test_rule_text_names_the_interval():
     assert verdicts.rule(5) == "95% Student-t interval over 5 seeds"
+
+
+def test_ratio_is_the_paired_interval_of_the_logs():
+    a, b = [2.0, 4.0, 9.0], [1.0, 1.0, 3.0]
+    iv, logs = verdicts.ratio(a, b), interval([math.log(2.0), math.log(4.0), math.log(3.0)])
+    assert (iv.mean, iv.low, iv.high) == pytest.approx((logs.mean, logs.low, logs.high))
+    with pytest.raises(ValueError, match="ratio needs positive values, got 0.0"):
+        verdicts.ratio([1.0, 0.0], [1.0, 1.0])

@@ -57,6 +57,12 @@ class Dataset:
         return int(np.prod(self.example_shape))
 
 
+def _split_order(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(k indices set aside, the other n - k), drawn with seed SPLIT_SEED."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return order[:k], order[k:]
+
+
 def hold_out(dataset: Dataset, fraction: float) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     """(the dataset without its validation examples, x_val, y_val): ``fraction`` of the training
     set, drawn with seed SPLIT_SEED, the same for every run; the test set is left alone."""
@@ -67,8 +73,7 @@ def hold_out(dataset: Dataset, fraction: float) -> tuple[Dataset, torch.Tensor, 
             f"validation={fraction} of {n} training examples leaves {k} for validation and {n - k} for training: "
             "expected at least 1 and 2"
         )
-    order = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(n))
-    held, kept = order[:k], order[k:]
+    held, kept = (torch.from_numpy(part) for part in _split_order(n, k))
     rest = Dataset(dataset.name, dataset.x_train[kept], dataset.y_train[kept], dataset.x_test, dataset.y_test)
     return rest, dataset.x_train[held], dataset.y_train[held]
 
@@ -91,8 +96,7 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, path: str | None = None) -> 
             f"{path or name}: {len(y)} example(s), too few to split into a training set of at least 2 "
             f"and a test set of {TEST_FRACTION:.0%}"
         )
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(y))
-    test, train = order[:n_test], order[n_test:]
+    test, train = _split_order(len(y), n_test)
     return _dataset(name, x[train], y[train], x[test], y[test])
 
 

@@ -51,7 +51,7 @@ from .claims import (
     _watched,
 )
 from .train import Config, Run, build_model, evaluate, train
-from .verdicts import HOLDS, UNSURE, above, below, every, interval, paired, rule, within
+from .verdicts import HOLDS, UNSURE, above, below, every, interval, paired, ratio, rule, within
 
 __all__ = ["EXPERIMENTS", "SCALES", "Claim", "Lab", "Result", "Scale"]
 
@@ -290,7 +290,7 @@ def fig1(lab: Lab) -> Result:
     ]
     fewer = paired(_log_steps(with_bn, target), _log_steps(without, target))
     higher = paired(_chosen(with_bn), _chosen(without))
-    stable = paired([math.log(d) for d in drifts["with batch norm"]], [math.log(d) for d in drifts["without"]])
+    stable = ratio(drifts["with batch norm"], drifts["without"])
     seeds = rule(len(lab.seeds))
     claims = [
         Claim(

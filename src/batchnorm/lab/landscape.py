@@ -109,6 +109,64 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / scale if scale > 0 else float("nan")
 
 
+def _layers(model: nn.Module, parameters: list[nn.Parameter], layers: Sequence[str] | None) -> list[tuple[str, int]]:
+    """(name, position among ``parameters`` of its weight) of each layer to measure the shift of."""
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = [name for name, m in modules.items() if isinstance(m, WEIGHT_LAYERS)]
+        layers = names[1:] if names and modules[names[0]].weight is parameters[0] else names
+    position = {id(p): i for i, p in enumerate(parameters)}
+    found = []
+    for name in layers:
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, nn.Parameter) or id(weight) not in position:
+            raise ValueError(f"layers: {name!r} is not a module of the model with a trainable weight")
+        found.append((name, position[id(weight)]))
+    return found
+
+
+def _gradient_at(model, parameters, original, grads, eta: float, upto: int, x, y, loss_fn):
+    """The loss and gradient with the first ``upto`` parameters at w - eta g, the others at w."""
+    with torch.no_grad():
+        for i, (p, w, g) in enumerate(zip(parameters, original, grads, strict=True)):
+            p.copy_(w - eta * g if i < upto else w)
+    return _gradient(model, parameters, x, y, loss_fn)
+
+
+def _shifts(model, parameters, original, grads, lr, layers, x, y, loss_fn) -> list[Shift]:
+    shifts = []
+    for name, i in layers:
+        _, moved = _gradient_at(model, parameters, original, grads, lr, i, x, y, loss_fn)
+        before, after = grads[i], moved[i]
+        distance, size = _norm([before - after]), _norm([before])
+        relative = distance / size if size > 0 else float("nan")
+        shifts.append(Shift(name, distance, relative, _cosine(before, after)))
+    return shifts
+
+
+def _path(model, parameters, original, grads, steps, x, y, loss_fn) -> Landscape:
+    losses, changes = [], []
+    for eta in steps:
+        loss, moved = _gradient_at(model, parameters, original, grads, eta, len(parameters), x, y, loss_fn)
+        losses.append(loss)
+        changes.append(_norm([a - b for a, b in zip(grads, moved, strict=True)]))
+    return Landscape(tuple(steps), tuple(losses), tuple(changes), _norm(grads))
+
+
+def _steps(lr: float, multipliers: Sequence[float]) -> tuple[float, ...]:
+    if not multipliers or any(not (math.isfinite(m) and m > 0) for m in multipliers):
+        raise ValueError(f"multipliers must be positive finite numbers, got multipliers={tuple(multipliers)!r}")
+    return tuple(m * lr for m in multipliers)
+
+
+@contextlib.contextmanager
+def _at_w(model: nn.Module, parameters: list[nn.Parameter], x, y, loss_fn):
+    """(w, g) at the model's parameters on the batch; everything restored on the way out."""
+    with unchanged(model):
+        _, grads = _gradient(model, parameters, x, y, loss_fn)
+        yield [p.detach().clone() for p in parameters], grads
+
+
 def internal_covariate_shift(
     model: nn.Module,
     x: torch.Tensor,
@@ -122,34 +180,9 @@ def internal_covariate_shift(
     ``layers``: names of modules with a ``weight`` (default: every Linear and Conv but the
     first weight of the model, which has nothing below it)."""
     parameters = _check(model, lr)
-    modules = dict(model.named_modules())
-    if layers is None:
-        names = [name for name, m in modules.items() if isinstance(m, WEIGHT_LAYERS)]
-        layers = names[1:] if names and modules[names[0]].weight is parameters[0] else names
-    position = {id(p): i for i, p in enumerate(parameters)}
-    for name in layers:
-        weight = getattr(modules.get(name), "weight", None)
-        if not isinstance(weight, nn.Parameter) or id(weight) not in position:
-            raise ValueError(f"layers: {name!r} is not a module of the model with a trainable weight")
-    shifts = []
-    with unchanged(model):
-        _, grads = _gradient(model, parameters, x, y, loss_fn)
-        original = [p.detach().clone() for p in parameters]
-        for name in layers:
-            i = position[id(modules[name].weight)]
-            with torch.no_grad():
-                for p, w, g in zip(parameters[:i], original[:i], grads[:i], strict=True):
-                    p.copy_(w - lr * g)
-            _, moved = _gradient(model, parameters, x, y, loss_fn)
-            with torch.no_grad():
-                for p, w in zip(parameters[:i], original[:i], strict=True):
-                    p.copy_(w)
-            before, after = grads[i], moved[i]
-            distance = _norm([before - after])
-            size = _norm([before])
-            relative = distance / size if size > 0 else float("nan")
-            shifts.append(Shift(name, distance, relative, _cosine(before, after)))
-    return shifts
+    found = _layers(model, parameters, layers)
+    with _at_w(model, parameters, x, y, loss_fn) as (original, grads):
+        return _shifts(model, parameters, original, grads, lr, found, x, y, loss_fn)
 
 
 def landscape(
@@ -162,31 +195,21 @@ def landscape(
 ) -> Landscape:
     """The loss and the gradient along -g at the step sizes ``m * lr`` for ``m`` in ``multipliers``."""
     parameters = _check(model, lr)
-    if not multipliers or any(not (math.isfinite(m) and m > 0) for m in multipliers):
-        raise ValueError(f"multipliers must be positive finite numbers, got multipliers={tuple(multipliers)!r}")
-    steps = tuple(m * lr for m in multipliers)
-    losses, changes = [], []
-    with unchanged(model):
-        _, grads = _gradient(model, parameters, x, y, loss_fn)
-        size = _norm(grads)
-        original = [p.detach().clone() for p in parameters]
-        for eta in steps:
-            with torch.no_grad():
-                for p, w, g in zip(parameters, original, grads, strict=True):
-                    p.copy_(w - eta * g)
-            loss, moved = _gradient(model, parameters, x, y, loss_fn)
-            change = _norm([a - b for a, b in zip(grads, moved, strict=True)])
-            losses.append(loss)
-            changes.append(change)
-    return Landscape(steps, tuple(losses), tuple(changes), size)
+    steps = _steps(lr, multipliers)
+    with _at_w(model, parameters, x, y, loss_fn) as (original, grads):
+        return _path(model, parameters, original, grads, steps, x, y, loss_fn)
 
 
 def measure(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, loss_fn: LossFn = nn.functional.cross_entropy
 ) -> dict[str, float]:
-    """Every measure at once, as flat numbers (ICS averaged over the layers) for a metrics record."""
-    shape = landscape(model, x, y, lr, loss_fn)
-    shifts = internal_covariate_shift(model, x, y, lr, loss_fn)
+    """Every measure at once, as flat numbers (ICS averaged over the layers) for a metrics record;
+    the gradient at w is computed once for both."""
+    parameters = _check(model, lr)
+    found = _layers(model, parameters, None)
+    with _at_w(model, parameters, x, y, loss_fn) as (original, grads):
+        shape = _path(model, parameters, original, grads, _steps(lr, MULTIPLIERS), x, y, loss_fn)
+        shifts = _shifts(model, parameters, original, grads, lr, found, x, y, loss_fn)
     mean = (lambda values: sum(values) / len(values)) if shifts else (lambda values: float("nan"))
     return {
         "loss_range": shape.loss_range,

@@ -16,7 +16,7 @@ import math
 
 from . import plots
 from .claims import Claim, Result, _chosen, _mean, _metrics, _movement, _pm, _ratio
-from .verdicts import FAILS, UNSURE, above, below, every, paired, rule
+from .verdicts import FAILS, UNSURE, above, below, every, paired, ratio, rule
 
 __all__ = ["ics", "landscape", "lp_norms", "noisy_bn", "normalizations"]
 
@@ -33,9 +33,7 @@ def _over_training(run, key: str) -> float:
 
 def _log_ratio(runs_a, runs_b, key: str):
     """The interval of log(a / b) over paired seeds, of ``key`` averaged over training."""
-    a = [math.log(_over_training(run, key)) for run in runs_a]
-    b = [math.log(_over_training(run, key)) for run in runs_b]
-    return paired(a, b)
+    return ratio([_over_training(run, key) for run in runs_a], [_over_training(run, key) for run in runs_b])
 
 
 def _column(runs, key: str, digits: int = 3) -> str:
@@ -142,7 +140,7 @@ def noisy_bn(lab) -> Result:
     runs = _santurkar_runs(lab, "bn", "bn-noisy", "none")
     named = {"batch norm": runs["bn"], "noisy batch norm": runs["bn-noisy"], "without": runs["none"]}
     unstable = {label: [_instability(run) for run in r] for label, r in named.items()}
-    premise = paired([math.log(v) for v in unstable["noisy batch norm"]], [math.log(v) for v in unstable["batch norm"]])
+    premise = ratio(unstable["noisy batch norm"], unstable["batch norm"])
     versus_bn = paired(_chosen(runs["bn-noisy"]), _chosen(runs["bn"]))
     versus_none = paired(_chosen(runs["bn-noisy"]), _chosen(runs["none"]))
     shown = above(premise, 0.0)
@@ -220,7 +218,7 @@ def same_examples(lab, size: int) -> dict:
 def normalizations(lab) -> Result:
     # every other batch size of the scale's (2, 8, 64, 256 at the quick and full scales): the small
     # batches take the most steps, and this keeps the quick suite within its 5 minutes
-    sizes = lab.scale.batch_sizes[::2] + ((lab.scale.batch_sizes[-1],) if len(lab.scale.batch_sizes) % 2 == 0 else ())
+    sizes = tuple(dict.fromkeys(lab.scale.batch_sizes[::2] + lab.scale.batch_sizes[-1:]))
     lab.prefetch(*({"norm": norm, **same_examples(lab, size)} for size in sizes for norm in NORMALIZATIONS))
     runs = {(norm, size): lab.runs(norm=norm, **same_examples(lab, size)) for size in sizes for norm in NORMALIZATIONS}
     accuracy = {key: _chosen(r) for key, r in runs.items()}

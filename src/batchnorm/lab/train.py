@@ -366,7 +366,8 @@ def train(
     dataset = dataset if dataset is not None else data_module.load(config.data)
     held = None
     if config.validation:
-        dataset, *held = data_module.hold_out(dataset, config.validation)
+        dataset, x_val, y_val = data_module.hold_out(dataset, config.validation)
+        held = (x_val, y_val)
     torch.manual_seed(config.seed)
     model = build_model(config, dataset)
     rank, world = _process_group()

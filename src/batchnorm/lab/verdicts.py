@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from scipy import stats as scipy_stats
 
 __all__ = [
-    "CONFIDENCE", "FAILS", "HOLDS", "UNSURE", "Interval", "above", "below", "every", "interval", "paired", "rule",
-    "within",
+    "CONFIDENCE", "FAILS", "HOLDS", "UNSURE", "Interval", "above", "below", "every", "interval", "paired", "ratio",
+    "rule", "within",
 ]  # fmt: skip
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
@@ -78,6 +78,16 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENC
     if len(a) != len(b):
         raise ValueError(f"paired values need one b per a, got {len(a)} a and {len(b)} b")
     return interval([x - y for x, y in zip(a, b, strict=True)], confidence)
+
+
+def ratio(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """The interval of the mean log(a / b) over paired seeds: for positive quantities that differ
+    by orders of magnitude (steps, movements, landscape measures)."""
+    a, b = _finite(a, "a"), _finite(b, "b")
+    bad = [v for v in a + b if v <= 0]
+    if bad:
+        raise ValueError(f"ratio needs positive values, got {bad[0]!r}")
+    return paired([math.log(v) for v in a], [math.log(v) for v in b], confidence)
 
 
 def above(iv: Interval, bound: float) -> str:
