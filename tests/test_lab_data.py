@@ -135,15 +135,18 @@ def test_npz_errors(tmp_path):
         data.load(f"npz:{tmp_path / 'junk.npz'}")
 
 
-def test_digits_or_clear_error():
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        with pytest.raises(data.DataError, match="digits: needs scikit-learn"):
-            data.load("digits")
-        return
+def test_digits():
+    from sklearn.datasets import load_digits
+
     dataset = data.load("digits")
     assert dataset.example_shape == (1, 8, 8) and len(dataset.y_train) + len(dataset.y_test) == 1797
+    assert dataset.x_train.min() == 0 and dataset.x_train.max() == 1  # pixels 0..16, scaled
+    # every image is one of scikit-learn's, over 16, with its label
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32) / 16
+    first = dataset.x_train[0, 0]
+    index = int(((images - first).abs().flatten(1).sum(1)).argmin())
+    assert torch.equal(images[index], first) and int(bunch.target[index]) == int(dataset.y_train[0])
 
 
 def test_unknown_source():

@@ -55,6 +55,12 @@ def test_report_html_and_files(reproduced):
     assert set(metrics["experiments"]) == set(experiments.EXPERIMENTS)
     runs = metrics["experiments"]["fig1"]["runs"]["with batch norm"]
     assert len(runs) == experiments.SCALES["tiny"].seeds and runs[0][-1]["step"] == experiments.SCALES["tiny"].steps
+    tuning = metrics["settings"]["tuning"]
+    assert "norm=none" in tuning and "digits, cnn: norm=bn" in tuning and "norm=none, dropout=0.0" not in tuning
+    for tuned in tuning.values():  # the chosen point is the grid's best validation accuracy
+        assert tuned["validation"][tuned["chosen"]] == max(tuned["validation"].values())
+        assert f"{tuned['validation'][tuned['chosen']]:.3f} (chosen)" in page
+    assert "<h2>Tuning</h2>" in page
     text = report.summary(results)
     assert len(text.splitlines()) == 1 + 2 * sum(len(r.claims) for r in results)
     for result in results:
@@ -236,3 +242,73 @@ def test_the_recovery_rule_is_inconclusive_when_seeds_disagree():
     claim = experiments._noniid_claim([0.8, 0.8], [0.6, 0.6], [0.79, 0.65])
     assert claim.verdict == verdicts.UNSURE
     assert "recovered - half the loss" in claim.interval
+
+
+def _fake_training(score):
+    """train() replaced: a run whose validation accuracy is score(config), its test accuracy 0.5."""
+    from batchnorm.lab.train import build_model
+
+    def fake(config, dataset):
+        record = {"step": config.steps, "val_accuracy": score(config), "test_accuracy": 0.5}
+        return Run(config, build_model(config, dataset), [record])
+
+    return fake
+
+
+def test_tune_picks_the_grid_point_best_on_the_first_seeds_validation_accuracy(monkeypatch):
+    peak = {"bn": 0.25, "none": 0.01}  # each norm's best learning rate in this made-up landscape
+    score = lambda c: 0.9 - abs(math.log(c.lr / peak[c.norm])) / 10 - (0.2 if c.seed else 0.0)  # noqa: E731
+    monkeypatch.setattr(experiments, "_train_one_thread", _fake_training(score))
+    lab = experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset())
+    grid = {"sgd": (0.01, 0.05, 0.25, 1.25)}
+    chosen = lab.tune({"norm": "bn"}, {"norm": "none"}, grid=grid)
+    assert chosen == [{"norm": "bn", "optimizer": "sgd", "lr": 0.25}, {"norm": "none", "optimizer": "sgd", "lr": 0.01}]
+    trained = set(lab._done)
+    # every grid point on the first seed only, then the other seed at the chosen point
+    first = {lab.base.replace(seed=0, norm=n, optimizer="sgd", lr=lr) for n in peak for lr in grid["sgd"]}
+    rest = {lab.base.replace(seed=1, norm=n, optimizer="sgd", lr=peak[n]) for n in peak}
+    assert trained == first | rest
+    assert lab.tuning["norm=bn"]["chosen"] == "sgd 0.25"
+    assert lab.tuning["norm=none"]["validation"]["sgd 1.25"] == pytest.approx(
+        score(lab.base.replace(norm="none", lr=1.25))
+    )
+    assert [r.config.lr for r in lab.runs(**chosen[0])] == [0.25, 0.25]
+
+
+def test_tune_breaks_ties_by_the_grid_order_and_searches_optimizers(monkeypatch):
+    score = lambda c: 0.7 if c.optimizer == "adam" else 0.6  # noqa: E731
+    monkeypatch.setattr(experiments, "_train_one_thread", _fake_training(score))
+    lab = experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset())
+    (chosen,) = lab.tune({"norm": "none"}, grid={"sgd": (0.05, 0.25), "adam": (0.001, 0.01)})
+    assert chosen == {"norm": "none", "optimizer": "adam", "lr": 0.001}
+    (flat,) = lab.tune({"norm": "bn"}, grid={"sgd": (0.25, 0.05)})
+    assert flat["lr"] == 0.25  # equal accuracies: the first in the grid's order
+
+
+def test_gap_at_fit_takes_the_first_evaluation_that_reaches_the_level():
+    records = [
+        {"train_accuracy": 0.5, "test_accuracy": 0.45},
+        {"train_accuracy": 0.72, "test_accuracy": 0.6},
+        {"train_accuracy": 0.9, "test_accuracy": 0.61},
+    ]
+    run = Run(Config(), None, records)
+    assert experiments.gap_at_fit(run, 0.7) == pytest.approx(0.12)
+    assert experiments.gap_at_fit(run, 0.5) == pytest.approx(0.05)
+    assert experiments.gap_at_fit(run, 0.9) == pytest.approx(0.29)
+
+
+def test_image_lab_trains_the_cnn_on_the_digits_or_on_image_data():
+    from batchnorm.lab import data, images
+
+    lab = experiments.Lab(experiments.SCALES["tiny"], _tiny_dataset())
+    cnn = images.image_lab(lab)
+    assert cnn.dataset.name == "digits" and cnn.dataset.example_shape == (1, 8, 8)
+    assert (cnn.base.model, cnn.base.activation, cnn.base.data) == ("cnn", "relu", "digits")
+    assert cnn.base.steps == lab.scale.image_steps and cnn.seeds == lab.seeds
+    assert cnn.tuning is lab.tuning and cnn.store == lab.store and cnn.fingerprint != lab.fingerprint
+    assert lab.base.model == "mlp" and not cnn._done  # the MLP lab unchanged
+    pictures = data.Dataset("pictures", torch.rand(20, 1, 8, 8), torch.arange(20) % 3, torch.rand(6, 1, 8, 8),
+                            torch.arange(6) % 3)  # fmt: skip
+    on_images = experiments.Lab(experiments.SCALES["tiny"], pictures, data="npz:pictures.npz")
+    assert images.image_lab(on_images).dataset is pictures
+    assert images.image_lab(on_images).base.data == "npz:pictures.npz"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from . import plots
-from .claims import Claim, Result, _chosen, _mean, _metrics, _movement, _pm, _ratio
+from .claims import Claim, Result, _chosen, _mean, _metrics, _movement, _pm, _ratio, _settings, _tuned
 from .verdicts import FAILS, UNSURE, above, below, every, paired, ratio, rule
 
 __all__ = ["ics", "landscape", "lp_norms", "noisy_bn", "normalizations"]
@@ -45,8 +45,15 @@ def _deep(lab, norm: str) -> list:
 
 
 def _santurkar_runs(lab, *norms: str) -> dict[str, list]:
+    """At the lab's one learning rate: the landscape's measures are taken at multiples of it."""
     lab.prefetch(*({"norm": norm, **DEEP} for norm in norms))
     return {norm: _deep(lab, norm) for norm in norms}
+
+
+def _tuned_runs(lab, *norms: str) -> dict[str, list]:
+    """Each at its tuned learning rate (Lab.tune), for claims that compare accuracies."""
+    tuned = lab.tune(*({"norm": norm, **DEEP} for norm in norms))
+    return {norm: lab.runs(**changes) for norm, changes in zip(norms, tuned, strict=True)}
 
 
 _MEASURES = {
@@ -137,7 +144,7 @@ def _instability(run) -> float:
 
 
 def noisy_bn(lab) -> Result:
-    runs = _santurkar_runs(lab, "bn", "bn-noisy", "none")
+    runs = _tuned_runs(lab, "bn", "bn-noisy", "none")
     named = {"batch norm": runs["bn"], "noisy batch norm": runs["bn-noisy"], "without": runs["none"]}
     unstable = {label: [_instability(run) for run in r] for label, r in named.items()}
     premise = ratio(unstable["noisy batch norm"], unstable["batch norm"])
@@ -145,7 +152,7 @@ def noisy_bn(lab) -> Result:
     versus_none = paired(_chosen(runs["bn-noisy"]), _chosen(runs["none"]))
     shown = above(premise, 0.0)
     verdict = every(UNSURE if shown == FAILS else shown, above(versus_bn, -MARGIN), above(versus_none, 0.0))
-    rows = [[label, _pm(_chosen(r)), _pm(unstable[label])] for label, r in named.items()]
+    rows = [[label, _settings(r), _pm(_chosen(r)), _pm(unstable[label])] for label, r in named.items()]
     claims = [
         Claim(
             "Batch norm followed by time-varying noise of non-zero mean and non-unit variance trains about as "
@@ -157,8 +164,8 @@ def noisy_bn(lab) -> Result:
             verdict,
             f"holds if the noisy network's movement is larger than batch norm's (ratio above 1: the premise), its "
             f"accuracy minus batch norm's lies above -{MARGIN} and minus the network without lies above 0 "
-            f"({rule(len(lab.seeds))}, paired); does not hold if either accuracy interval lies at or below its "
-            "bound; inconclusive otherwise, or if the premise is not shown",
+            f"({rule(len(lab.seeds))}, paired; {_tuned()}); does not hold if either accuracy interval lies at or "
+            "below its bound; inconclusive otherwise, or if the premise is not shown",
             f"movement ratio {_ratio(premise)}; accuracy noisy - batch norm {versus_bn.text(signed=True)}, "
             f"noisy - without {versus_none.text(signed=True)}",
         )
@@ -171,7 +178,7 @@ def noisy_bn(lab) -> Result:
             _metrics(named), "test_accuracy", "test accuracy", "Noisy batch norm"
         ),
     }
-    columns = ["network", "test accuracy", "movement of the batch mean"]
+    columns = ["network", "tuned learning rate", "test accuracy", "movement of the batch mean"]
     return Result("noisy-bn", "Noisy batch norm (Santurkar et al. 2018)", columns, rows, claims, figures,
                   _metrics(named))  # fmt: skip
 
@@ -180,18 +187,18 @@ LP_LABELS = {"bn": "l2 (batch norm)", "bn-l1": "l1", "bn-linf": "l-infinity"}
 
 
 def lp_norms(lab) -> Result:
-    runs = _santurkar_runs(lab, *LP_LABELS)
+    runs = _tuned_runs(lab, *LP_LABELS)
     named = {LP_LABELS[norm]: r for norm, r in runs.items()}
     differences = {norm: paired(_chosen(runs[norm]), _chosen(runs["bn"])) for norm in ("bn-l1", "bn-linf")}
-    rows = [[label, _pm(_chosen(r)), _pm(_chosen(r, "val_accuracy"))] for label, r in named.items()]
+    rows = [[label, _settings(r), _pm(_chosen(r)), _pm(_chosen(r, "val_accuracy"))] for label, r in named.items()]
     claims = [
         Claim(
             "Batch norm with the l1 or the l-infinity norm of the centred activations in place of the "
             "standard deviation trains as well as standard batch norm or better (Santurkar et al., section 3.3).",
             f"test accuracy: {', '.join(f'{LP_LABELS[n]} {_pm(_chosen(r))}' for n, r in runs.items())}",
             every(*(above(iv, -MARGIN) for iv in differences.values())),
-            f"holds if each of l1 - l2 and l-infinity - l2 lies above -{MARGIN} ({rule(len(lab.seeds))}, paired); "
-            f"does not hold if either lies at or below -{MARGIN}; inconclusive otherwise",
+            f"holds if each of l1 - l2 and l-infinity - l2 lies above -{MARGIN} ({rule(len(lab.seeds))}, paired; "
+            f"{_tuned()}); does not hold if either lies at or below -{MARGIN}; inconclusive otherwise",
             ", ".join(f"{LP_LABELS[n]} - l2 {iv.text(signed=True)}" for n, iv in differences.items()),
         )
     ]
@@ -200,7 +207,7 @@ def lp_norms(lab) -> Result:
             _metrics(named), "test_accuracy", "test accuracy", "lp batch norm"
         )
     }
-    columns = ["batch norm", "test accuracy", "test accuracy"]
+    columns = ["batch norm", "tuned learning rate", "test accuracy", "validation accuracy"]
     return Result("lp-norms", "lp batch norm (Santurkar et al. 2018)", columns, rows, claims, figures,
                   _metrics(named))  # fmt: skip
 
@@ -216,9 +223,7 @@ def same_examples(lab, size: int) -> dict:
 
 
 def normalizations(lab) -> Result:
-    # every other batch size of the scale's (2, 8, 64, 256 at the quick and full scales): the small
-    # batches take the most steps, and this keeps the quick suite within its 5 minutes
-    sizes = tuple(dict.fromkeys(lab.scale.batch_sizes[::2] + lab.scale.batch_sizes[-1:]))
+    sizes = lab.scale.normalization_sizes
     lab.prefetch(*({"norm": norm, **same_examples(lab, size)} for size in sizes for norm in NORMALIZATIONS))
     runs = {(norm, size): lab.runs(norm=norm, **same_examples(lab, size)) for size in sizes for norm in NORMALIZATIONS}
     accuracy = {key: _chosen(r) for key, r in runs.items()}

@@ -102,6 +102,18 @@ def _claims_html(result: Result) -> str:
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _grid_order(point: str) -> tuple[str, float]:
+    optimizer, lr = point.split()
+    return optimizer != "sgd", optimizer, float(lr)
+
+
+def _tuning_cell(tuned: dict, point: str) -> str:
+    if point not in tuned["validation"]:
+        return ""
+    text = f"{tuned['validation'][point]:.3f}"
+    return f"{text} (chosen)" if point == tuned["chosen"] else text
+
+
 def render(results: list[Result], settings: dict, seconds: float) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>batchnorm: what batch norm does</title>",
@@ -126,6 +138,17 @@ def render(results: list[Result], settings: dict, seconds: float) -> str:
                 f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
+    tuning = settings.get("tuning") or {}
+    if tuning:
+        grid = sorted({point for tuned in tuning.values() for point in tuned["validation"]}, key=_grid_order)
+        parts.append("<h2>Tuning</h2>")
+        parts.append(
+            "<p>Each condition whose claim compares accuracies trained at the optimizer and learning rate "
+            "under which its first seed reached the best validation accuracy (chosen); the table gives that "
+            "accuracy at each point of the grid it was tuned over.</p>"
+        )
+        rows = [[condition] + [_tuning_cell(tuned, point) for point in grid] for condition, tuned in tuning.items()]
+        parts.append(_table(["condition"] + grid, rows))
     parts.append("<h2>Configuration</h2>")
     parts.append(_table(["setting", "value"], [[k, json.dumps(v)] for k, v in settings["base"].items()]))
     parts.append("<h2>Versions</h2>")
@@ -221,5 +244,6 @@ def reproduce(
         "versions": versions(),
         "git": git_commit(),
         "command": command or f"batchnorm reproduce --scale {scale}",
+        "tuning": lab.tuning,
     }
     return results, write(results, out, settings, seconds)
