@@ -3,7 +3,6 @@ helpers every experiment uses to summarize runs over seeds."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ def _setting(changes: dict) -> str:
 
 
 def _settings(runs: list[Run]) -> str:
-    return _setting(dataclasses.asdict(runs[0].config))
+    return _setting(vars(runs[0].config))
 
 
 def _mean(values) -> float:

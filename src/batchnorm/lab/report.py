@@ -102,11 +102,6 @@ def _claims_html(result: Result) -> str:
     return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _grid_order(point: str) -> tuple[str, float]:
-    optimizer, lr = point.split()
-    return optimizer != "sgd", optimizer, float(lr)
-
-
 def _tuning_cell(tuned: dict, point: str) -> str:
     if point not in tuned["validation"]:
         return ""
@@ -140,7 +135,7 @@ def render(results: list[Result], settings: dict, seconds: float) -> str:
             )
     tuning = settings.get("tuning") or {}
     if tuning:
-        grid = sorted({point for tuned in tuning.values() for point in tuned["validation"]}, key=_grid_order)
+        grid = list(dict.fromkeys(point for tuned in tuning.values() for point in tuned["validation"]))
         parts.append("<h2>Tuning</h2>")
         parts.append(
             "<p>Each condition whose claim compares accuracies trained at the optimizer and learning rate "
